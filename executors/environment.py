@@ -1,0 +1,94 @@
+"""The Environment interface: score a plan on a task's examples and say what it cost.
+
+Like an httpx transport, an environment is the one narrow seam between the search and the world. Three
+kinds sit behind it: live (runs models), replay (recorded samples, zero LLM calls) and simulated
+(parametric curves with a known optimum). Strategies never see which one they talk to.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphs.cost import Cost, ModelSpec
+from graphs.plan import DecisionRule, Plan, Role
+
+__all__ = ["Environment", "EnvironmentInfo", "Evaluation"]
+
+
+@dataclass(frozen=True)
+class EnvironmentInfo:
+    """What a search may choose from in this environment."""
+
+    name: str
+    stages: tuple[str, ...]
+    models: Mapping[str, ModelSpec]
+    stage_models: Mapping[str, tuple[str, ...]]
+    max_samples: Mapping[str, int]
+    """Most samples one plan may draw from a model (replay: what was recorded)."""
+    caps: tuple[int | None, ...] = (None,)
+    """Thinking-token caps a node may set (``None``: no cap)."""
+    decisions: tuple[DecisionRule, ...] = (DecisionRule.MAJORITY_VOTE,)
+    roles: tuple[Role, ...] = (Role.SOLVER,)
+    early_stop: bool = True
+    n_examples: int = 0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The result of scoring one plan: mean and spread over sample orderings, and realised cost."""
+
+    score: float
+    spread: float
+    cost: Cost
+    """Mean cost per example, as realised."""
+    scores: tuple[float, ...] = ()
+    """Score per ordering (replay) or per repeat."""
+    n_examples: int = 0
+    llm_calls: int = 0
+    per_example: tuple[float, ...] = field(default=(), repr=False)
+    """Mean correctness per example, in the environment's example order."""
+
+
+class Environment(abc.ABC):
+    """Scores plans. Lifecycle: build (or ``from_spec``), ``check``/``estimate_cost``/``evaluate`` any
+    number of times from one thread, ``close``.
+
+    ``spec()`` is a JSON-able description from which ``executors.environment_from_spec`` rebuilds an
+    equal environment in another process (a Celery worker); evaluating the same plan there gives the
+    same result.
+    """
+
+    kind: str = "abstract"
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> EnvironmentInfo:
+        """The choices this environment offers."""
+
+    @abc.abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """JSON-able arguments that rebuild this environment (``{"kind": ..., ...}``)."""
+
+    @abc.abstractmethod
+    def check(self, plan: Plan) -> None:
+        """Raise ``UnknownModel`` or ``InvalidPlan`` if this environment cannot run ``plan``."""
+
+    @abc.abstractmethod
+    def estimate_cost(self, plan: Plan) -> Cost:
+        """Expected cost per example, known before evaluation: what a budget is checked against."""
+
+    @abc.abstractmethod
+    def evaluate(self, plan: Plan) -> Evaluation:
+        """Score ``plan``. Deterministic for a given environment spec."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    def __enter__(self) -> Environment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,387 @@
+"""Replay environment: score plans on recorded samples with zero LLM calls.
+
+A plan's stage is a set of solver nodes (model, ``n`` samples, optional thinking cap ``max_tokens``) and a
+majority vote, optionally stopping early once ``early_stop`` answers agree. For every problem, each model's
+recorded traces are put in ``orderings`` seeded random orders (common to every plan, so plans are compared
+on the same draws); a node takes the next ``n`` traces of its model. A trace cut by a cap at ``c`` tokens
+answers what it said at its last probe before ``c`` (``probes[c // probe_every - 1]``) and costs ``c``
+decode tokens. Votes ignore unusable answers; ties break by a seeded random priority per answer.
+
+Scoring is vectorised over orderings and problems with numpy and cached per (model, cap, n), which is
+what makes exhaustive enumeration of a plan space cheap. ``executors.replay_reference`` is the same
+semantics as a plain loop, used to check this one.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from executors.answers import normalize_answer
+from executors.environment import Environment, EnvironmentInfo, Evaluation
+from executors.replay_data import BenchmarkData, bundled_data_dir, load_benchmark
+from graphs.cost import Cost, ModelSpec, decode_flops, prefill_flops, sample_usd
+from graphs.errors import InvalidPlan, UnknownModel
+from graphs.plan import DecisionRule, Node, Plan, Role
+
+__all__ = ["ReplayEnvironment", "tie_priority"]
+
+STAGE = "answer"
+PROMPT_OVERHEAD_TOKENS = 32  # chat template and instruction around the question
+CHARS_PER_TOKEN = 4.0
+
+
+def tie_priority(seed: int, ordering: int, problem_id: str, answer: str) -> float:
+    """A seeded priority in [0, 0.5) that breaks vote ties without favouring any answer."""
+    key = f"{seed}:{ordering}:{problem_id}:{answer}".encode()
+    return (zlib.crc32(key) / 2**32) * 0.5
+
+
+def answer_at_cap(answer: str, tokens: int, probes: Sequence[str], cap: int | None, probe_every: int) -> tuple[str | None, int]:
+    """What a trace answers, and the decode tokens it costs, when cut at ``cap`` tokens."""
+    if cap is None or tokens <= cap:
+        return normalize_answer(answer), tokens
+    k = cap // probe_every if probe_every else 0
+    probe = probes[k - 1] if 0 < k <= len(probes) else None
+    return normalize_answer(probe), cap
+
+
+@dataclass
+class _CodeSpace:
+    """Answers coded as small ints per problem, over the union of the caps a plan uses."""
+
+    size: int
+    codes: list[dict[str, int]]
+    gold: np.ndarray  # [P] code of the gold answer, -1 when never produced
+    priority: np.ndarray  # [R, P, K] tie-break priority
+
+
+@dataclass
+class _View:
+    """One model's traces at one cap, in the environment's orderings: arrays [R, P, S]."""
+
+    answers: list[list[str | None]]  # [P][S] in recorded order
+    order: np.ndarray  # [R, P, S] recorded index of the j-th drawn trace
+    cum_decode_flops: np.ndarray  # [R, P, S + 1]
+    cum_output_tokens: np.ndarray  # [R, P, S + 1]
+    codes: dict[frozenset, np.ndarray] = field(default_factory=dict)  # space -> [R, P, S]
+    counts: dict[tuple[frozenset, int], np.ndarray] = field(default_factory=dict)  # -> [R, P, K]
+    first_agree: dict[tuple[frozenset, int], np.ndarray] = field(default_factory=dict)  # -> [R, P]
+
+
+class ReplayEnvironment(Environment):
+    """Scores single-stage plans on one benchmark of a replay directory."""
+
+    kind = "replay"
+
+    def __init__(
+        self,
+        data: str | Path | None = None,
+        benchmark: str | None = None,
+        *,
+        orderings: int = 8,
+        seed: int = 0,
+        caps: Sequence[int] | None = None,
+    ) -> None:
+        if orderings < 1:
+            raise ValueError("orderings must be >= 1")
+        self._directory = Path(data) if data is not None else bundled_data_dir()
+        self._bundled = data is None
+        self.data: BenchmarkData = load_benchmark(self._directory, benchmark)
+        self.orderings = orderings
+        self.seed = seed
+        self._problem_ids = [p.id for p in self.data.problems]
+        self._prompt_tokens = np.array(
+            [math.ceil(len(p.question) / CHARS_PER_TOKEN) + PROMPT_OVERHEAD_TOKENS for p in self.data.problems],
+            dtype=np.float64,
+        )
+        self._golds = [normalize_answer(p.gold) for p in self.data.problems]
+        self._caps = tuple(caps) if caps is not None else self._default_caps()
+        self._orders: dict[str, np.ndarray] = {}
+        self._views: dict[tuple[str, int | None], _View] = {}
+        self._spaces: dict[frozenset, _CodeSpace] = {}
+        self._prefill: dict[str, float] = {}
+        self._info = EnvironmentInfo(
+            name=self.data.name,
+            stages=(STAGE,),
+            models=dict(self.data.specs),
+            stage_models={STAGE: self.data.models},
+            max_samples={m: rec.min_samples for m, rec in self.data.records.items()},
+            caps=(None, *self._caps),
+            decisions=(DecisionRule.MAJORITY_VOTE,),
+            roles=(Role.SOLVER,),
+            early_stop=True,
+            n_examples=len(self.data.problems),
+        )
+
+    # -- Environment -------------------------------------------------------------------------------
+
+    @property
+    def info(self) -> EnvironmentInfo:
+        return self._info
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "data": None if self._bundled else str(self._directory.resolve()),
+            "benchmark": self.data.name,
+            "orderings": self.orderings,
+            "seed": self.seed,
+            "caps": list(self._caps),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ReplayEnvironment:
+        return cls(
+            spec.get("data"),
+            spec.get("benchmark"),
+            orderings=int(spec.get("orderings", 8)),
+            seed=int(spec.get("seed", 0)),
+            caps=spec.get("caps"),
+        )
+
+    def check(self, plan: Plan) -> None:
+        if len(plan.stages) != 1 or plan.stages[0].stage != STAGE:
+            names = [s.stage for s in plan.stages]
+            raise InvalidPlan(f"replay benchmark {self.data.name} has one stage {STAGE!r}; the plan has {names}")
+        stage = plan.stages[0]
+        if stage.decision is not DecisionRule.MAJORITY_VOTE or stage.edges:
+            raise InvalidPlan(
+                f"replay data holds independent samples only: use solver nodes and majority_vote, not {stage.decision}"
+                + (" with edges" if stage.edges else "")
+            )
+        drawn: dict[str, int] = {}
+        for node in stage.nodes:
+            if node.role is not Role.SOLVER:
+                raise InvalidPlan(f"replay data has no recordings for role {node.role} (node {node.id})")
+            if node.model not in self.data.records:
+                known = ", ".join(self.data.models)
+                raise UnknownModel(f"unknown model {node.model!r} for replay benchmark {self.data.name}: known models are {known}")
+            if node.max_tokens is not None and self.data.probe_every == 0:
+                raise InvalidPlan(f"benchmark {self.data.name} has no probes: thinking caps (max_tokens) are not available")
+            if node.max_tokens is not None and node.max_tokens < self.data.probe_every:
+                raise InvalidPlan(f"thinking cap {node.max_tokens} is below the probe interval {self.data.probe_every}")
+            drawn[node.model] = drawn.get(node.model, 0) + node.n
+        for model, n in drawn.items():
+            have = self._info.max_samples[model]
+            if n > have:
+                raise InvalidPlan(f"plan draws {n} samples of {model} but {self.data.name} recorded {have} per problem")
+
+    def estimate_cost(self, plan: Plan) -> Cost:
+        self.check(plan)
+        total = Cost()
+        for node in plan.stages[0].nodes:
+            view = self._view(node.model, node.max_tokens)
+            mean_flops = float(view.cum_decode_flops[:, :, -1].mean()) / view.order.shape[2]
+            mean_tokens = float(view.cum_output_tokens[:, :, -1].mean()) / view.order.shape[2]
+            total = total + self._node_cost(node, node.n * mean_flops, node.n * mean_tokens)
+        return total
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        self.check(plan)
+        stage = plan.stages[0]
+        nodes = stage.nodes
+        space = self._space(frozenset(node.max_tokens for node in nodes))
+        offsets = self._offsets(nodes)
+        if stage.early_stop is None:
+            counts = None
+            for node, off in zip(nodes, offsets, strict=True):
+                part = self._counts(node, space, off + node.n) - (self._counts(node, space, off) if off else 0)
+                counts = part if counts is None else counts + part
+            correct = self._vote(counts, space)
+            drawn = [np.full(correct.shape, node.n) for node in nodes]
+        else:
+            correct, drawn = self._early_stop(nodes, offsets, space, stage.early_stop)
+        cost = Cost()
+        for node, off, n in zip(nodes, offsets, drawn, strict=True):
+            view = self._view(node.model, node.max_tokens)
+            flops = _take(view.cum_decode_flops, off + n) - view.cum_decode_flops[:, :, off]
+            tokens = _take(view.cum_output_tokens, off + n) - view.cum_output_tokens[:, :, off]
+            cost = cost + self._node_cost(node, float(flops.mean()), float(tokens.mean()))
+        per_ordering = correct.mean(axis=1)
+        return Evaluation(
+            score=float(per_ordering.mean()),
+            spread=float(per_ordering.std()),
+            cost=cost,
+            scores=tuple(float(s) for s in per_ordering),
+            n_examples=len(self._problem_ids),
+            llm_calls=0,
+            per_example=tuple(float(s) for s in correct.mean(axis=0)),
+        )
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _default_caps(self) -> tuple[int, ...]:
+        every = self.data.probe_every
+        if not every:
+            return ()
+        longest = max(rec.max_tokens for rec in self.data.records.values())
+        caps, cap = [], every * 2
+        while cap < longest:
+            caps.append(cap)
+            cap *= 2
+        return tuple(caps)
+
+    def _node_cost(self, node: Node, decode: float, output_tokens: float) -> Cost:
+        spec: ModelSpec = self.data.specs[node.model]
+        if node.model not in self._prefill:
+            self._prefill[node.model] = float(np.mean([prefill_flops(spec, p) for p in self._prompt_tokens]))
+        prompt = float(self._prompt_tokens.mean())
+        usd = sample_usd(spec, prompt, output_tokens / max(node.n, 1), node.n)
+        return Cost(self._prefill[node.model] + decode, prompt, output_tokens, usd)
+
+    @staticmethod
+    def _offsets(nodes: Sequence[Node]) -> list[int]:
+        """Nodes of the same model draw consecutive, disjoint traces."""
+        used: dict[str, int] = {}
+        offsets = []
+        for node in nodes:
+            offsets.append(used.get(node.model, 0))
+            used[node.model] = offsets[-1] + node.n
+        return offsets
+
+    def ordering(self, model: str) -> np.ndarray:
+        """[R, P, S] recorded trace index drawn j-th, per ordering and problem (same for every cap)."""
+        if model not in self._orders:
+            rec = self.data.records[model]
+            keep = rec.min_samples
+            rng = np.random.default_rng([self.seed, zlib.crc32(self.data.name.encode()), zlib.crc32(model.encode())])
+            order = np.empty((self.orderings, len(rec.answers), keep), dtype=np.int64)
+            for r in range(self.orderings):
+                for p, row in enumerate(rec.answers):
+                    order[r, p] = rng.permutation(len(row))[:keep]
+            self._orders[model] = order
+        return self._orders[model]
+
+    def _view(self, model: str, cap: int | None) -> _View:
+        key = (model, cap)
+        if key not in self._views:
+            rec = self.data.records[model]
+            spec = self.data.specs[model]
+            order = self.ordering(model)
+            answers, tokens = [], []
+            for p, row in enumerate(rec.answers):
+                cut = [answer_at_cap(a, t, pr, cap, rec.probe_every) for a, t, pr in zip(row, rec.tokens[p], rec.probes[p], strict=True)]
+                answers.append([a for a, _ in cut])
+                tokens.append(np.array([t for _, t in cut], dtype=np.float64))
+            drawn_tokens = np.stack([np.stack([tokens[p][order[r, p]] for p in range(len(tokens))]) for r in range(order.shape[0])])
+            prompt = self._prompt_tokens[None, :, None]
+            flops = decode_flops(spec, prompt, drawn_tokens)
+            zeros = np.zeros(drawn_tokens.shape[:2] + (1,))
+            self._views[key] = _View(
+                answers=answers,
+                order=order,
+                cum_decode_flops=np.concatenate([zeros, np.cumsum(flops, axis=2)], axis=2),
+                cum_output_tokens=np.concatenate([zeros, np.cumsum(drawn_tokens, axis=2)], axis=2),
+            )
+        return self._views[key]
+
+    def _space(self, caps: frozenset) -> _CodeSpace:
+        if caps not in self._spaces:
+            codes: list[dict[str, int]] = [{} for _ in self._problem_ids]
+            for model in self.data.records:
+                for cap in sorted(caps, key=lambda c: -1 if c is None else c):
+                    for p, row in enumerate(self._view(model, cap).answers):
+                        table = codes[p]
+                        for answer in row:
+                            if answer is not None and answer not in table:
+                                table[answer] = len(table)
+            size = max(1, max(len(t) for t in codes))
+            priority = np.zeros((self.orderings, len(codes), size), dtype=np.float64)
+            for p, table in enumerate(codes):
+                for answer, code in table.items():
+                    for r in range(self.orderings):
+                        priority[r, p, code] = tie_priority(self.seed, r, self._problem_ids[p], answer)
+            gold = np.array([t.get(g, -1) if g is not None else -1 for t, g in zip(codes, self._golds, strict=True)])
+            self._spaces[caps] = _CodeSpace(size, codes, gold, priority)
+        return self._spaces[caps]
+
+    def _codes(self, node: Node, space: _CodeSpace, caps: frozenset) -> np.ndarray:
+        view = self._view(node.model, node.max_tokens)
+        if caps not in view.codes:
+            table = np.full((len(view.answers), max(len(r) for r in view.answers)), -1, dtype=np.int64)
+            for p, row in enumerate(view.answers):
+                for s, answer in enumerate(row):
+                    if answer is not None:
+                        table[p, s] = space.codes[p][answer]
+            p_index = np.arange(table.shape[0])[None, :, None]
+            view.codes[caps] = table[p_index, view.order]
+        return view.codes[caps]
+
+    def _caps_of(self, space: _CodeSpace) -> frozenset:
+        return next(caps for caps, known in self._spaces.items() if known is space)
+
+    def _counts(self, node: Node, space: _CodeSpace, n: int) -> np.ndarray:
+        """[R, P, K] votes per answer among the first ``n`` traces of the node's view."""
+        caps = self._caps_of(space)
+        view = self._view(node.model, node.max_tokens)
+        key = (caps, n)
+        if key not in view.counts:
+            codes = self._codes(node, space, caps)[:, :, :n]
+            rows, problems = codes.shape[0], codes.shape[1]
+            index = (np.arange(rows * problems).reshape(rows, problems, 1) * space.size + codes)[codes >= 0]
+            flat = np.bincount(index, minlength=rows * problems * space.size)
+            view.counts[key] = flat.reshape(rows, problems, space.size).astype(np.int32)
+        return view.counts[key]
+
+    @staticmethod
+    def _vote(counts: np.ndarray, space: _CodeSpace) -> np.ndarray:
+        """[R, P] whether the vote (ties broken by priority) picks the gold answer."""
+        winner = np.argmax(counts + space.priority, axis=2)
+        votes = np.take_along_axis(counts, winner[:, :, None], axis=2)[:, :, 0]
+        return (winner == space.gold[None, :]) & (votes > 0)
+
+    def _early_stop(
+        self, nodes: Sequence[Node], offsets: Sequence[int], space: _CodeSpace, agree: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Draw round-robin across nodes; stop once ``agree`` answers agree."""
+        caps = self._caps_of(space)
+        sequence = _round_robin([node.n for node in nodes])
+        streams = [self._codes(node, space, caps)[:, :, off : off + node.n] for node, off in zip(nodes, offsets, strict=True)]
+        drawn_codes = np.stack([streams[i][:, :, j] for i, j in sequence], axis=2)  # [R, P, T]
+        rows, problems, steps = drawn_codes.shape
+        counts = np.zeros((rows * problems, space.size), dtype=np.int32)
+        flat_rows = np.arange(rows * problems)
+        stop = np.full(rows * problems, steps, dtype=np.int64)  # steps drawn
+        winner = np.full(rows * problems, -1, dtype=np.int64)
+        flat_codes = drawn_codes.reshape(rows * problems, steps)
+        for t in range(steps):
+            code = flat_codes[:, t]
+            live = (stop == steps) & (code >= 0)
+            counts[flat_rows[live], code[live]] += 1
+            reached = live & (counts[flat_rows, np.maximum(code, 0)] >= agree)
+            stop[reached] = t + 1
+            winner[reached] = code[reached]
+        stopped = winner >= 0
+        voted = self._vote(counts.reshape(rows, problems, space.size), space).reshape(-1)
+        gold = np.broadcast_to(space.gold[None, :], (rows, problems)).reshape(-1)
+        correct = np.where(stopped, winner == gold, voted).reshape(rows, problems)
+        # Samples drawn per node: how many of the first `stop` sequence steps belong to each node.
+        owner = np.array([i for i, _ in sequence])
+        drawn = []
+        for i in range(len(nodes)):
+            cum = np.concatenate([[0], np.cumsum(owner == i)])
+            drawn.append(cum[stop].reshape(rows, problems))
+        return correct, drawn
+
+
+def _round_robin(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """(node, j) draw order: one sample of each node in turn, skipping nodes that are done."""
+    order, j = [], 0
+    while len(order) < sum(sizes):
+        order.extend((i, j) for i, size in enumerate(sizes) if j < size)
+        j += 1
+    return order
+
+
+def _take(cumulative: np.ndarray, index: np.ndarray | int) -> np.ndarray:
+    """``cumulative[r, p, index[r, p]]`` for an index per (r, p) or one for all."""
+    if np.isscalar(index):
+        return cumulative[:, :, int(index)]
+    return np.take_along_axis(cumulative, np.asarray(index)[:, :, None], axis=2)[:, :, 0]

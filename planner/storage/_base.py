@@ -1,0 +1,108 @@
+"""The storage contract: where studies, trials and plans live.
+
+Implementations: ``InMemoryStorage`` (tests, throwaway studies) and ``SQLStorage`` (SQLite file by
+default, PostgreSQL by URL; schema owned by Alembic). Guarantees every implementation keeps:
+
+- Thread-safe; safe across processes for ``SQLStorage`` (a Celery worker and the CLI share one database).
+- Records returned are frozen and never change under later writes.
+- A finished trial (``COMPLETE``, ``FAIL``, ``REJECTED``) is immutable: finishing it again raises
+  ``RuntimeError`` and stores nothing.
+- Trial numbers within a study are 0, 1, 2, ... in creation order, with no gaps.
+- Unknown ids or names raise ``KeyError``; a duplicate study name raises ``DuplicateStudy``.
+- Nothing stored is lost by a failed write: each call is one transaction.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from typing import Any
+
+from graphs.cost import Budget, Cost
+from graphs.plan import Plan
+from planner.trial import FrozenTrial, StudyRecord, TrialState
+
+__all__ = ["BaseStorage", "DuplicateStudy"]
+
+
+class DuplicateStudy(KeyError):
+    """A study with this name exists already (resume it instead)."""
+
+
+class BaseStorage(abc.ABC):
+    """Persistence of studies and trials. See the module docstring for the contract."""
+
+    @abc.abstractmethod
+    def create_study(
+        self,
+        *,
+        name: str,
+        strategy: str,
+        strategy_params: dict[str, Any],
+        environment: dict[str, Any],
+        budget: Budget,
+        seed: int,
+        space: dict[str, Any],
+    ) -> StudyRecord:
+        """Store a new study. Raises ``DuplicateStudy`` if ``name`` is taken."""
+
+    @abc.abstractmethod
+    def get_study(self, study_id: int) -> StudyRecord:
+        """Raises ``KeyError`` for an unknown id."""
+
+    @abc.abstractmethod
+    def get_study_by_name(self, name: str) -> StudyRecord:
+        """Raises ``KeyError`` for an unknown name."""
+
+    @abc.abstractmethod
+    def list_studies(self) -> list[StudyRecord]:
+        """All studies, oldest first."""
+
+    @abc.abstractmethod
+    def create_trial(
+        self,
+        study_id: int,
+        *,
+        plan: Plan,
+        estimated_cost: Cost,
+        rationale: str = "",
+        strategy_info: dict[str, Any] | None = None,
+        planner_cost: Cost | None = None,
+        state: TrialState = TrialState.RUNNING,
+    ) -> FrozenTrial:
+        """Store a new trial with the next number. ``state`` is WAITING, RUNNING or REJECTED (with
+        ``finish_trial`` not needed for REJECTED; pass the reason as ``rationale``)."""
+
+    @abc.abstractmethod
+    def set_trial_running(self, trial_id: int) -> FrozenTrial:
+        """Move a WAITING trial to RUNNING (a worker took it). Raises ``RuntimeError`` otherwise."""
+
+    @abc.abstractmethod
+    def finish_trial(
+        self,
+        trial_id: int,
+        *,
+        state: TrialState,
+        score: float | None = None,
+        spread: float | None = None,
+        scores: Iterable[float] = (),
+        cost: Cost | None = None,
+        error: str | None = None,
+    ) -> FrozenTrial:
+        """Finish a WAITING or RUNNING trial as COMPLETE or FAIL. Raises ``RuntimeError`` if it is
+        already finished and ``KeyError`` if unknown."""
+
+    @abc.abstractmethod
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        """Raises ``KeyError`` for an unknown id."""
+
+    @abc.abstractmethod
+    def get_trials(self, study_id: int, states: Iterable[TrialState] | None = None) -> list[FrozenTrial]:
+        """A study's trials in number order, optionally only those in ``states``."""
+
+    @abc.abstractmethod
+    def get_plan(self, plan_id: str) -> Plan:
+        """A stored plan by id (or unique id prefix of at least 6 characters). ``KeyError`` otherwise."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
