@@ -70,9 +70,16 @@ class _View:
     order: np.ndarray  # [R, P, S] recorded index of the j-th drawn trace
     cum_decode_flops: np.ndarray  # [R, P, S + 1]
     cum_output_tokens: np.ndarray  # [R, P, S + 1]
+    mean_cum_flops: np.ndarray = field(init=False)  # [S + 1] mean over orderings and problems
+    mean_cum_tokens: np.ndarray = field(init=False)
     codes: dict[frozenset, np.ndarray] = field(default_factory=dict)  # space -> [R, P, S]
     counts: dict[tuple[frozenset, int], np.ndarray] = field(default_factory=dict)  # -> [R, P, K]
-    first_agree: dict[tuple[frozenset, int], np.ndarray] = field(default_factory=dict)  # -> [R, P]
+    correct: dict[tuple[frozenset, int], np.ndarray] = field(default_factory=dict)  # -> [R, P] bool
+    agree: dict[tuple[frozenset, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mean_cum_flops = self.cum_decode_flops.mean(axis=(0, 1))
+        self.mean_cum_tokens = self.cum_output_tokens.mean(axis=(0, 1))
 
 
 class ReplayEnvironment(Environment):
@@ -187,32 +194,43 @@ class ReplayEnvironment(Environment):
         self.check(plan)
         stage = plan.stages[0]
         nodes = stage.nodes
-        space = self._space(frozenset(node.max_tokens for node in nodes))
+        caps = frozenset(node.max_tokens for node in nodes)
+        space = self._space(caps)
         offsets = self._offsets(nodes)
-        if stage.early_stop is None:
+        drawn: list[np.ndarray] | None = None
+        if len(nodes) == 1 and offsets[0] == 0:
+            correct = self._single_correct(nodes[0], caps, space, nodes[0].n)
+            if stage.early_stop is not None:
+                correct, drawn = self._single_early_stop(nodes[0], caps, space, stage.early_stop, correct)
+        elif stage.early_stop is None:
             counts = None
             for node, off in zip(nodes, offsets, strict=True):
-                part = self._counts(node, space, off + node.n) - (self._counts(node, space, off) if off else 0)
+                part = self._counts(node, caps, space, off + node.n)
+                if off:
+                    part = part - self._counts(node, caps, space, off)
                 counts = part if counts is None else counts + part
             correct = self._vote(counts, space)
-            drawn = [np.full(correct.shape, node.n) for node in nodes]
         else:
-            correct, drawn = self._early_stop(nodes, offsets, space, stage.early_stop)
+            correct, drawn = self._early_stop(nodes, offsets, caps, space, stage.early_stop)
         cost = Cost()
-        for node, off, n in zip(nodes, offsets, drawn, strict=True):
+        for i, (node, off) in enumerate(zip(nodes, offsets, strict=True)):
             view = self._view(node.model, node.max_tokens)
-            flops = _take(view.cum_decode_flops, off + n) - view.cum_decode_flops[:, :, off]
-            tokens = _take(view.cum_output_tokens, off + n) - view.cum_output_tokens[:, :, off]
-            cost = cost + self._node_cost(node, float(flops.mean()), float(tokens.mean()))
+            if drawn is None:
+                flops = view.mean_cum_flops[off + node.n] - view.mean_cum_flops[off]
+                tokens = view.mean_cum_tokens[off + node.n] - view.mean_cum_tokens[off]
+            else:
+                flops = float((_take(view.cum_decode_flops, off + drawn[i]) - view.cum_decode_flops[:, :, off]).mean())
+                tokens = float((_take(view.cum_output_tokens, off + drawn[i]) - view.cum_output_tokens[:, :, off]).mean())
+            cost = cost + self._node_cost(node, float(flops), float(tokens))
         per_ordering = correct.mean(axis=1)
         return Evaluation(
             score=float(per_ordering.mean()),
             spread=float(per_ordering.std()),
             cost=cost,
-            scores=tuple(float(s) for s in per_ordering),
+            scores=tuple(per_ordering.tolist()),
             n_examples=len(self._problem_ids),
             llm_calls=0,
-            per_example=tuple(float(s) for s in correct.mean(axis=0)),
+            per_example=tuple(correct.mean(axis=0).tolist()),
         )
 
     # -- internals ---------------------------------------------------------------------------------
@@ -314,12 +332,8 @@ class ReplayEnvironment(Environment):
             view.codes[caps] = table[p_index, view.order]
         return view.codes[caps]
 
-    def _caps_of(self, space: _CodeSpace) -> frozenset:
-        return next(caps for caps, known in self._spaces.items() if known is space)
-
-    def _counts(self, node: Node, space: _CodeSpace, n: int) -> np.ndarray:
+    def _counts(self, node: Node, caps: frozenset, space: _CodeSpace, n: int) -> np.ndarray:
         """[R, P, K] votes per answer among the first ``n`` traces of the node's view."""
-        caps = self._caps_of(space)
         view = self._view(node.model, node.max_tokens)
         key = (caps, n)
         if key not in view.counts:
@@ -330,6 +344,27 @@ class ReplayEnvironment(Environment):
             view.counts[key] = flat.reshape(rows, problems, space.size).astype(np.int32)
         return view.counts[key]
 
+    def _single_correct(self, node: Node, caps: frozenset, space: _CodeSpace, n: int) -> np.ndarray:
+        view = self._view(node.model, node.max_tokens)
+        key = (caps, n)
+        if key not in view.correct:
+            view.correct[key] = self._vote(self._counts(node, caps, space, n), space)
+        return view.correct[key]
+
+    def _single_early_stop(
+        self, node: Node, caps: frozenset, space: _CodeSpace, agree: int, voted: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One node drawing in order: the first time ``agree`` answers agree is cached per view."""
+        view = self._view(node.model, node.max_tokens)
+        key = (caps, agree)
+        if key not in view.agree:
+            codes = self._codes(node, space, caps)
+            view.agree[key] = _first_agreement(codes, space.size, agree)
+        stop, winner = view.agree[key]
+        stopped = stop <= node.n
+        correct = np.where(stopped, winner == space.gold[None, :], voted)
+        return correct, [np.minimum(stop, node.n)]
+
     @staticmethod
     def _vote(counts: np.ndarray, space: _CodeSpace) -> np.ndarray:
         """[R, P] whether the vote (ties broken by priority) picks the gold answer."""
@@ -338,37 +373,67 @@ class ReplayEnvironment(Environment):
         return (winner == space.gold[None, :]) & (votes > 0)
 
     def _early_stop(
-        self, nodes: Sequence[Node], offsets: Sequence[int], space: _CodeSpace, agree: int
+        self, nodes: Sequence[Node], offsets: Sequence[int], caps: frozenset, space: _CodeSpace, agree: int
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Draw round-robin across nodes; stop once ``agree`` answers agree."""
-        caps = self._caps_of(space)
         sequence = _round_robin([node.n for node in nodes])
         streams = [self._codes(node, space, caps)[:, :, off : off + node.n] for node, off in zip(nodes, offsets, strict=True)]
         drawn_codes = np.stack([streams[i][:, :, j] for i, j in sequence], axis=2)  # [R, P, T]
         rows, problems, steps = drawn_codes.shape
-        counts = np.zeros((rows * problems, space.size), dtype=np.int32)
-        flat_rows = np.arange(rows * problems)
-        stop = np.full(rows * problems, steps, dtype=np.int64)  # steps drawn
-        winner = np.full(rows * problems, -1, dtype=np.int64)
-        flat_codes = drawn_codes.reshape(rows * problems, steps)
-        for t in range(steps):
-            code = flat_codes[:, t]
-            live = (stop == steps) & (code >= 0)
-            counts[flat_rows[live], code[live]] += 1
-            reached = live & (counts[flat_rows, np.maximum(code, 0)] >= agree)
-            stop[reached] = t + 1
-            winner[reached] = code[reached]
-        stopped = winner >= 0
-        voted = self._vote(counts.reshape(rows, problems, space.size), space).reshape(-1)
-        gold = np.broadcast_to(space.gold[None, :], (rows, problems)).reshape(-1)
-        correct = np.where(stopped, winner == gold, voted).reshape(rows, problems)
+        stop, winner = _first_agreement(drawn_codes, space.size, agree)
+        stopped = stop <= steps
+        counts = None
+        for node, off in zip(nodes, offsets, strict=True):
+            part = self._counts(node, caps, space, off + node.n)
+            if off:
+                part = part - self._counts(node, caps, space, off)
+            counts = part if counts is None else counts + part
+        voted = self._vote(counts, space)
+        correct = np.where(stopped, winner == space.gold[None, :], voted)
         # Samples drawn per node: how many of the first `stop` sequence steps belong to each node.
         owner = np.array([i for i, _ in sequence])
+        taken = np.minimum(stop, steps)
         drawn = []
         for i in range(len(nodes)):
             cum = np.concatenate([[0], np.cumsum(owner == i)])
-            drawn.append(cum[stop].reshape(rows, problems))
+            drawn.append(cum[taken])
         return correct, drawn
+
+
+def _first_agreement(codes: np.ndarray, size: int, agree: int) -> tuple[np.ndarray, np.ndarray]:
+    """For draws ``codes[R, P, T]``: how many draws until some answer has ``agree`` votes (T + 1 if
+    never) and that answer's code (-1 if never).
+
+    Scans in blocks of growing width; inside a block, the votes an answer had before each draw are its
+    count before the block plus its earlier draws in the block (a small pairwise comparison). Rows drop out
+    once they agree, and most agree within a few draws.
+    """
+    rows, problems, steps = codes.shape
+    flat = codes.reshape(rows * problems, steps)
+    counts = np.zeros((rows * problems, size + 1), dtype=np.int32)  # column `size` absorbs invalid draws
+    stop = np.full(rows * problems, steps + 1, dtype=np.int64)
+    winner = np.full(rows * problems, -1, dtype=np.int64)
+    live = np.arange(rows * problems)
+    start, width = 0, 4
+    while start < steps and live.size:
+        block = flat[live, start : start + width]
+        block = np.where(block >= 0, block, size)
+        w = block.shape[1]
+        earlier = np.tril(np.ones((w, w), dtype=bool), k=-1)
+        same = (block[:, :, None] == block[:, None, :]) & earlier[None, :, :]
+        votes = counts[live[:, None], block] + same.sum(axis=2) + 1
+        reached = (votes >= agree) & (block != size)
+        hit = reached.any(axis=1)
+        first = np.argmax(reached, axis=1)
+        done = live[hit]
+        stop[done] = start + first[hit] + 1
+        winner[done] = block[hit, first[hit]]
+        keep = ~hit
+        live, block = live[keep], block[keep]
+        np.add.at(counts, (np.repeat(live, w), block.reshape(-1)), 1)
+        start += w
+        width = min(width * 2, 64)
+    return stop.reshape(rows, problems), winner.reshape(rows, problems)
 
 
 def _round_robin(sizes: Sequence[int]) -> list[tuple[int, int]]:
