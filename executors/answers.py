@@ -36,7 +36,7 @@ def normalize_answer(answer: object) -> str | None:
             if value.is_integer() and abs(value) < 1e15:
                 return str(int(value))
             return repr(value)
-    text = " ".join(text.split()).lower()
+    text = "".join(text.split()).lower()
     if text in INVALID_ANSWERS:
         return None
     return text

@@ -14,6 +14,7 @@ semantics as a plain loop, used to check this one.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 from executors.answers import normalize_answer
@@ -33,6 +35,7 @@ from graphs.plan import DecisionRule, Node, Plan, Role
 __all__ = ["ReplayEnvironment", "tie_priority"]
 
 STAGE = "answer"
+DEFAULT_BENCHMARK = "aime24"  # of the bundled data
 PROMPT_OVERHEAD_TOKENS = 32  # chat template and instruction around the question
 CHARS_PER_TOKEN = 4.0
 
@@ -100,6 +103,8 @@ class ReplayEnvironment(Environment):
             raise ValueError("orderings must be >= 1")
         self._directory = Path(data) if data is not None else bundled_data_dir()
         self._bundled = data is None
+        if data is None and benchmark is None:
+            benchmark = DEFAULT_BENCHMARK
         self.data: BenchmarkData = load_benchmark(self._directory, benchmark)
         self.orderings = orderings
         self.seed = seed
@@ -169,7 +174,9 @@ class ReplayEnvironment(Environment):
                 raise InvalidPlan(f"replay data has no recordings for role {node.role} (node {node.id})")
             if node.model not in self.data.records:
                 known = ", ".join(self.data.models)
-                raise UnknownModel(f"unknown model {node.model!r} for replay benchmark {self.data.name}: known models are {known}")
+                raise UnknownModel(
+                    f"unknown model {node.model!r} for replay benchmark {self.data.name}: known models are {known}"
+                )
             if node.max_tokens is not None and self.data.probe_every == 0:
                 raise InvalidPlan(f"benchmark {self.data.name} has no probes: thinking caps (max_tokens) are not available")
             if node.max_tokens is not None and node.max_tokens < self.data.probe_every:
@@ -219,8 +226,8 @@ class ReplayEnvironment(Environment):
                 flops = view.mean_cum_flops[off + node.n] - view.mean_cum_flops[off]
                 tokens = view.mean_cum_tokens[off + node.n] - view.mean_cum_tokens[off]
             else:
-                flops = float((_take(view.cum_decode_flops, off + drawn[i]) - view.cum_decode_flops[:, :, off]).mean())
-                tokens = float((_take(view.cum_output_tokens, off + drawn[i]) - view.cum_output_tokens[:, :, off]).mean())
+                flops = _mean_at(view.cum_decode_flops, off + drawn[i]) - view.mean_cum_flops[off]
+                tokens = _mean_at(view.cum_output_tokens, off + drawn[i]) - view.mean_cum_tokens[off]
             cost = cost + self._node_cost(node, float(flops), float(tokens))
         per_ordering = correct.mean(axis=1)
         return Evaluation(
@@ -285,13 +292,18 @@ class ReplayEnvironment(Environment):
             order = self.ordering(model)
             answers, tokens = [], []
             for p, row in enumerate(rec.answers):
-                cut = [answer_at_cap(a, t, pr, cap, rec.probe_every) for a, t, pr in zip(row, rec.tokens[p], rec.probes[p], strict=True)]
+                cut = [
+                    answer_at_cap(a, t, pr, cap, rec.probe_every)
+                    for a, t, pr in zip(row, rec.tokens[p], rec.probes[p], strict=True)
+                ]
                 answers.append([a for a, _ in cut])
                 tokens.append(np.array([t for _, t in cut], dtype=np.float64))
-            drawn_tokens = np.stack([np.stack([tokens[p][order[r, p]] for p in range(len(tokens))]) for r in range(order.shape[0])])
+            drawn_tokens = np.stack(
+                [np.stack([tokens[p][order[r, p]] for p in range(len(tokens))]) for r in range(order.shape[0])]
+            )
             prompt = self._prompt_tokens[None, :, None]
             flops = decode_flops(spec, prompt, drawn_tokens)
-            zeros = np.zeros(drawn_tokens.shape[:2] + (1,))
+            zeros = np.zeros((*drawn_tokens.shape[:2], 1))
             self._views[key] = _View(
                 answers=answers,
                 order=order,
@@ -359,7 +371,9 @@ class ReplayEnvironment(Environment):
         key = (caps, agree)
         if key not in view.agree:
             codes = self._codes(node, space, caps)
-            view.agree[key] = _first_agreement(codes, space.size, agree)
+            rows, problems, steps = codes.shape
+            stop, winner = first_agreement(codes.reshape(rows * problems, steps), space.size, agree)
+            view.agree[key] = (stop.reshape(rows, problems), winner.reshape(rows, problems))
         stop, winner = view.agree[key]
         stopped = stop <= node.n
         correct = np.where(stopped, winner == space.gold[None, :], voted)
@@ -376,64 +390,98 @@ class ReplayEnvironment(Environment):
         self, nodes: Sequence[Node], offsets: Sequence[int], caps: frozenset, space: _CodeSpace, agree: int
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Draw round-robin across nodes; stop once ``agree`` answers agree."""
-        sequence = _round_robin([node.n for node in nodes])
+        schedule, owner_counts = _schedule(tuple(node.n for node in nodes))
         streams = [self._codes(node, space, caps)[:, :, off : off + node.n] for node, off in zip(nodes, offsets, strict=True)]
-        drawn_codes = np.stack([streams[i][:, :, j] for i, j in sequence], axis=2)  # [R, P, T]
-        rows, problems, steps = drawn_codes.shape
-        stop, winner = _first_agreement(drawn_codes, space.size, agree)
-        stopped = stop <= steps
-        counts = None
-        for node, off in zip(nodes, offsets, strict=True):
-            part = self._counts(node, caps, space, off + node.n)
-            if off:
-                part = part - self._counts(node, caps, space, off)
-            counts = part if counts is None else counts + part
-        voted = self._vote(counts, space)
-        correct = np.where(stopped, winner == space.gold[None, :], voted)
-        # Samples drawn per node: how many of the first `stop` sequence steps belong to each node.
-        owner = np.array([i for i, _ in sequence])
-        taken = np.minimum(stop, steps)
-        drawn = []
-        for i in range(len(nodes)):
-            cum = np.concatenate([[0], np.cumsum(owner == i)])
-            drawn.append(cum[taken])
-        return correct, drawn
+        columns = np.concatenate(streams, axis=2)  # [R, P, sum(n)], node after node
+        rows, problems, steps = columns.shape
+        correct, taken = early_stop_vote(
+            columns.reshape(rows * problems, steps),
+            schedule,
+            space.priority.reshape(rows * problems, space.size),
+            np.repeat(space.gold[None, :], rows, axis=0).reshape(-1),
+            agree,
+        )
+        return correct.reshape(rows, problems), [counts[taken].reshape(rows, problems) for counts in owner_counts]
 
 
-def _first_agreement(codes: np.ndarray, size: int, agree: int) -> tuple[np.ndarray, np.ndarray]:
-    """For draws ``codes[R, P, T]``: how many draws until some answer has ``agree`` votes (T + 1 if
-    never) and that answer's code (-1 if never).
+@functools.lru_cache(maxsize=4096)
+def _schedule(sizes: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Round-robin draw order over nodes of ``sizes``, as columns of the node-after-node array, and per
+    node how many of its samples the first t draws took (t = 0 .. sum(sizes))."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order = _round_robin(list(sizes))
+    schedule = np.array([starts[i] + j for i, j in order], dtype=np.int64)
+    owner = np.array([i for i, _ in order])
+    counts = [np.concatenate([[0], np.cumsum(owner == i)]) for i in range(len(sizes))]
+    return schedule, counts
 
-    Scans in blocks of growing width; inside a block, the votes an answer had before each draw are its
-    count before the block plus its earlier draws in the block (a small pairwise comparison). Rows drop out
-    once they agree, and most agree within a few draws.
+
+@numba.njit(cache=True, nogil=True)
+def early_stop_vote(
+    codes: np.ndarray, schedule: np.ndarray, priority: np.ndarray, gold: np.ndarray, agree: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sequential majority vote with early stop, row by row (row = one ordering of one problem).
+
+    Draws ``codes[row, schedule[t]]`` for t = 0, 1, ...; codes < 0 are unusable answers and never vote.
+    Stops once an answer has ``agree`` votes: that answer is the decision. Otherwise, after every draw,
+    the answer with most votes wins, ties broken by ``priority``. Returns whether the decision is
+    ``gold`` per row, and how many draws each row took.
     """
-    rows, problems, steps = codes.shape
-    flat = codes.reshape(rows * problems, steps)
-    counts = np.zeros((rows * problems, size + 1), dtype=np.int32)  # column `size` absorbs invalid draws
-    stop = np.full(rows * problems, steps + 1, dtype=np.int64)
-    winner = np.full(rows * problems, -1, dtype=np.int64)
-    live = np.arange(rows * problems)
-    start, width = 0, 4
-    while start < steps and live.size:
-        block = flat[live, start : start + width]
-        block = np.where(block >= 0, block, size)
-        w = block.shape[1]
-        earlier = np.tril(np.ones((w, w), dtype=bool), k=-1)
-        same = (block[:, :, None] == block[:, None, :]) & earlier[None, :, :]
-        votes = counts[live[:, None], block] + same.sum(axis=2) + 1
-        reached = (votes >= agree) & (block != size)
-        hit = reached.any(axis=1)
-        first = np.argmax(reached, axis=1)
-        done = live[hit]
-        stop[done] = start + first[hit] + 1
-        winner[done] = block[hit, first[hit]]
-        keep = ~hit
-        live, block = live[keep], block[keep]
-        np.add.at(counts, (np.repeat(live, w), block.reshape(-1)), 1)
-        start += w
-        width = min(width * 2, 64)
-    return stop.reshape(rows, problems), winner.reshape(rows, problems)
+    rows = codes.shape[0]
+    steps = schedule.shape[0]
+    correct = np.zeros(rows, dtype=np.bool_)
+    taken = np.full(rows, steps, dtype=np.int64)
+    counts = np.zeros(priority.shape[1], dtype=np.int64)
+    for i in range(rows):
+        decision = -1
+        for t in range(steps):
+            code = codes[i, schedule[t]]
+            if code < 0:
+                continue
+            counts[code] += 1
+            if counts[code] >= agree:
+                decision = code
+                taken[i] = t + 1
+                break
+        if decision < 0:
+            best = -1.0
+            for t in range(steps):
+                code = codes[i, schedule[t]]
+                if code >= 0 and counts[code] + priority[i, code] > best:
+                    best = counts[code] + priority[i, code]
+                    decision = code
+        correct[i] = decision >= 0 and decision == gold[i]
+        for t in range(taken[i]):
+            code = codes[i, schedule[t]]
+            if code >= 0:
+                counts[code] = 0
+    return correct, taken
+
+
+@numba.njit(cache=True, nogil=True)
+def first_agreement(codes: np.ndarray, size: int, agree: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of draws: how many draws until an answer has ``agree`` votes (columns + 1 if never), and
+    that answer (-1 if never). Cached per single-node stream: any ``n`` then reads off its result."""
+    rows, steps = codes.shape
+    stop = np.full(rows, steps + 1, dtype=np.int64)
+    winner = np.full(rows, -1, dtype=np.int64)
+    counts = np.zeros(size, dtype=np.int64)
+    for i in range(rows):
+        last = steps
+        for t in range(steps):
+            code = codes[i, t]
+            if code < 0:
+                continue
+            counts[code] += 1
+            if counts[code] >= agree:
+                stop[i] = t + 1
+                winner[i] = code
+                last = t + 1
+                break
+        for t in range(last):
+            if codes[i, t] >= 0:
+                counts[codes[i, t]] = 0
+    return stop, winner
 
 
 def _round_robin(sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -445,8 +493,8 @@ def _round_robin(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return order
 
 
-def _take(cumulative: np.ndarray, index: np.ndarray | int) -> np.ndarray:
-    """``cumulative[r, p, index[r, p]]`` for an index per (r, p) or one for all."""
-    if np.isscalar(index):
-        return cumulative[:, :, int(index)]
-    return np.take_along_axis(cumulative, np.asarray(index)[:, :, None], axis=2)[:, :, 0]
+def _mean_at(cumulative: np.ndarray, index: np.ndarray) -> float:
+    """Mean over (r, p) of ``cumulative[r, p, index[r, p]]``."""
+    rows = cumulative.shape[0] * cumulative.shape[1]
+    flat = cumulative.reshape(rows, cumulative.shape[2])
+    return float(flat[np.arange(rows), index.reshape(rows)].mean())

@@ -96,7 +96,9 @@ def list_benchmarks(directory: str | Path) -> dict[str, list[Path]]:
         if match and file.is_file():
             found.setdefault(match["benchmark"], []).append(file)
     if not found:
-        raise DataError(f"no replay files in {path}: expected <benchmark>__<model>.jsonl.gz files (see the replay format in the README)")
+        raise DataError(
+            f"no replay files in {path}: expected <benchmark>__<model>.jsonl.gz files (see the replay format in the README)"
+        )
     return found
 
 
@@ -104,9 +106,10 @@ def model_spec_from_name(name: str) -> ModelSpec | None:
     """Guess a model's size from its name (``Qwen3-8B``, ``gpt-oss-20b``, ``Qwen3-30B-A3B``, ``8x7B``)."""
     moe = _MOE.search(name)
     active = _ACTIVE.search(name)
-    if moe:
-        total = float(moe.group(1)) * float(moe.group(2))
-        return ModelSpec(name=name, params_b=total, active_params_b=float(active.group(1)) if active else None)
+    if moe:  # N experts of M billion; top-2 routing is the common convention for the active share
+        experts, size = float(moe.group(1)), float(moe.group(2))
+        routed = float(active.group(1)) if active else min(2.0, experts) * size
+        return ModelSpec(name=name, params_b=experts * size, active_params_b=routed)
     sizes = [float(m.group(1)) for m in _SIZE.finditer(name)]
     if not sizes:
         return None
@@ -128,7 +131,9 @@ def _read_specs(directory: Path) -> dict[str, ModelSpec]:
         return {name: ModelSpec(name=name, **fields) for name, fields in raw.items()}
     except (ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0]
-        raise DataError(f"{file} is malformed ({first}): it must map each model to params_b, active_params_b, layers, hidden") from exc
+        raise DataError(
+            f"{file} is malformed ({first}): it must map each model to params_b, active_params_b, layers, hidden"
+        ) from exc
 
 
 def _read_lines(file: Path) -> list[dict]:

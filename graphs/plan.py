@@ -175,8 +175,8 @@ class Plan(_Value):
         stages = []
         for stage, value in spec.items():
             model, n, cap = _unpack(value)
-            node = Node(id="s0", model=model, n=n, max_tokens=cap)
-            stages.append(StageGraph(stage=stage, nodes=(node,), early_stop=early_stop))
+            node = {"id": "s0", "model": model, "n": n, "max_tokens": cap}
+            stages.append({"stage": stage, "nodes": (node,), "early_stop": early_stop})
         return cls.build(stages=tuple(stages))
 
     @classmethod
@@ -237,5 +237,4 @@ def _one_line(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first.get("loc", ()))
     message = first.get("msg", str(exc)).removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid plan: {where + ': ' if where else ''}{message}{more}"
+    return f"invalid plan: {where + ': ' if where else ''}{message}"

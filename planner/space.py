@@ -31,9 +31,7 @@ class StageChoice:
     early_stop: int | None = None
 
     def graph(self, stage: str) -> StageGraph:
-        nodes = tuple(
-            Node(id=f"n{i}", model=model, n=n, max_tokens=self.cap) for i, (model, n) in enumerate(self.samples)
-        )
+        nodes = tuple(Node(id=f"n{i}", model=model, n=n, max_tokens=self.cap) for i, (model, n) in enumerate(self.samples))
         return StageGraph(stage=stage, nodes=nodes, early_stop=self.early_stop)
 
     @property
@@ -132,9 +130,11 @@ class SearchSpace:
         return Plan(stages=tuple(c.graph(s) for s, c in zip(self.stages, choices, strict=True)))
 
     def single_model_plans(self) -> Iterator[Plan]:
-        """Plans using one model per stage, majority vote over all samples, no cap: the baseline family."""
-        for combo in itertools.product(*([(m, n) for m in self.stage_models[s] for n in self.n_choices[m]] for s in self.stages)):
-            yield self.plan([StageChoice(((m, n),)) for m, n in combo])
+        """The baseline family: one model for every stage, ``n`` samples, majority vote, no cap."""
+        shared = set.intersection(*(set(self.stage_models[s]) for s in self.stages))
+        for model in sorted(shared, key=self.stage_models[self.stages[0]].index):
+            for n in self.n_choices[model]:
+                yield self.plan([StageChoice(((model, n),)) for _ in self.stages])
 
     def sample(self, rng: random.Random) -> Plan:
         """A random plan: model-set size, models, counts, cap and rule drawn uniformly per stage."""

@@ -180,8 +180,8 @@ class Study:
                 callback(self, trial)
 
 
-def cheapest_plan(environment: Environment, space: SearchSpace) -> tuple[Plan, Cost]:
-    """The least costly plan of the space: one sample of one model per stage at the smallest cap."""
+def cheapest_plan(environment: Environment, space: SearchSpace, budget: Budget) -> tuple[Plan, Cost]:
+    """The least costly plan of the space in the budget's unit: the cheapest single sample per stage."""
     per_stage = []
     for stage in space.stages:
         options = []
@@ -192,9 +192,11 @@ def cheapest_plan(environment: Environment, space: SearchSpace) -> tuple[Plan, C
     # Costs add across stages, so the cheapest plan takes each stage's cheapest option.
     choices = []
     for stage, options in zip(space.stages, per_stage, strict=True):
+
         def stage_cost(choice: StageChoice, stage: str = stage) -> float:
             probe = [choice if s == stage else per_stage[i][0] for i, s in enumerate(space.stages)]
-            return environment.estimate_cost(space.plan(probe)).flops
+            return budget.spent(environment.estimate_cost(space.plan(probe)))
+
         choices.append(min(options, key=stage_cost))
     plan = space.plan(choices)
     return plan, environment.estimate_cost(plan)
@@ -221,7 +223,7 @@ def create_study(
         except KeyError:
             pass
     space = space or SearchSpace.from_info(environment.info)
-    plan, cost = cheapest_plan(environment, space)
+    plan, cost = cheapest_plan(environment, space, budget)
     if not budget.allows(cost):
         raise BudgetError(
             f"budget {budget} is below the cheapest plan ({plan.summary()} costs "
@@ -237,7 +239,7 @@ def create_study(
             strategy_params=strategy.params(),
             environment=environment.spec(),
             budget=budget,
-            seed=seed,
+            seed=strategy.seed,
             space=space.spec(),
         )
     except DuplicateStudy:

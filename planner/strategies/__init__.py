@@ -20,9 +20,7 @@ __all__ = [
     "make_strategy",
 ]
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomStrategy, GridStrategy, TPEStrategy, NSGAIIStrategy)
-}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (RandomStrategy, GridStrategy, TPEStrategy, NSGAIIStrategy)}
 
 
 def make_strategy(name: str, seed: int, params: dict[str, Any] | None = None) -> Strategy:

@@ -26,6 +26,7 @@ __all__ = ["NSGAIIStrategy", "TPEStrategy"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 _NO_STOP = 0
+MAX_REPEATS = 50
 
 
 def _caps_order(space: SearchSpace) -> list[int | None]:
@@ -51,6 +52,7 @@ def _suggest(trial: optuna.Trial, space: SearchSpace) -> Plan:
     choices = []
     caps = _caps_order(space)
     for stage in space.stages:
+
         def pick(kind: str, *rest: str, stage: str = stage) -> Any:
             name = "|".join((stage, kind, *rest))
             dist = _distribution(name, space)
@@ -123,13 +125,26 @@ class _OptunaStrategy(Strategy):
         )
 
     def propose(self, context: StudyContext, n: int) -> list[Proposal]:
+        """Ask optuna for ``n`` new plans. A plan already tried is not proposed again: its stored
+        result is told to optuna at once and another is asked (up to ``MAX_REPEATS`` times per plan)."""
         study = self._open(context)
+        known = {t.plan_id: t for t in context.trials if t.state.is_finished}
+        proposed: set[str] = set()
         out = []
-        for _ in range(n):
+        for _ in range(n * MAX_REPEATS):
+            if len(out) == n:
+                break
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 trial = study.ask()
             plan = _suggest(trial, context.space)
+            if plan.plan_id in known:
+                self._tell(trial, known[plan.plan_id])
+                continue
+            if plan.plan_id in proposed:
+                study.tell(trial, state=OptunaState.PRUNED)
+                continue
+            proposed.add(plan.plan_id)
             self._asked[trial.number] = trial
             info = {"params": dict(trial.params), "optuna_number": trial.number}
             out.append(Proposal(plan, f"{self.name} sample (optuna trial {trial.number})", info))
@@ -139,15 +154,17 @@ class _OptunaStrategy(Strategy):
         number = trial.strategy_info.get("optuna_number")
         if self._study is None or number not in self._asked:
             return
-        asked = self._asked.pop(number)
-        values, attrs = self._values(trial)
+        self._tell(self._asked.pop(number), trial)
+
+    def _tell(self, asked: optuna.Trial, result: FrozenTrial) -> None:
+        values, attrs = self._values(result)
         for key, value in attrs.items():
             asked.set_user_attr(key, value)
         asked.set_constraint("budget", attrs["constraint"])
         if values is None:
-            self._study.tell(asked, state=OptunaState.FAIL)
+            self._study.tell(asked, state=OptunaState.FAIL)  # type: ignore[union-attr]
         else:
-            self._study.tell(asked, values)
+            self._study.tell(asked, values)  # type: ignore[union-attr]
 
 
 class TPEStrategy(_OptunaStrategy):

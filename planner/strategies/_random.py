@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import random
 
+from graphs.errors import AllotError
 from graphs.plan import Plan
 from planner.strategies._base import Proposal, Strategy, StudyContext
 
-__all__ = ["GridStrategy", "RandomStrategy"]
+__all__ = ["GridStrategy", "RandomStrategy", "SpaceTooLarge"]
 
 ENUMERATION_LIMIT = 200_000
+
+
+class SpaceTooLarge(AllotError, ValueError):
+    """The space cannot be listed, so a strategy that needs the list cannot run on it."""
 
 
 def feasible_plans(context: StudyContext) -> list[Plan] | None:
@@ -64,7 +69,9 @@ class GridStrategy(Strategy):
         if self._order is None:
             plans = feasible_plans(context)
             if plans is None:
-                raise ValueError("the space is too large for a grid: use random, tpe or nsga2")
+                raise SpaceTooLarge(
+                    f"the space has more than {ENUMERATION_LIMIT:,} plans, too many for a grid: use random, tpe or nsga2"
+                )
             random.Random(self._seed).shuffle(plans)
             self._order = plans
         tried = context.tried()

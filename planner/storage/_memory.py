@@ -1,0 +1,221 @@
+"""``InMemoryStorage``: the storage contract in a dict, for tests and throwaway studies.
+
+It behaves like ``SQLStorage`` wherever a caller could tell: JSON fields go through a JSON round trip (so
+what is not JSON fails here too, and tuples come back as lists), records returned are copies, numbering
+and immutability follow the same rules. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import copy
+import string
+import threading
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from graphs.cost import Budget, Cost
+from graphs.plan import Plan
+from planner.storage._base import BaseStorage, DuplicateStudy
+from planner.storage.tables import finite_scores, strict_json, utcnow
+from planner.trial import FrozenTrial, StudyRecord, TrialState
+
+__all__ = ["InMemoryStorage"]
+
+_NEW_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.REJECTED)
+_MIN_PREFIX = 6
+
+
+def _study_out(study: StudyRecord) -> StudyRecord:
+    """A copy whose dicts the caller may mutate without touching what is stored."""
+    return replace(
+        study,
+        strategy_params=copy.deepcopy(study.strategy_params),
+        environment=copy.deepcopy(study.environment),
+        space=copy.deepcopy(study.space),
+    )
+
+
+def _trial_out(trial: FrozenTrial) -> FrozenTrial:
+    """A copy whose ``strategy_info`` the caller may mutate; plans and costs are immutable values."""
+    return replace(trial, strategy_info=copy.deepcopy(trial.strategy_info))
+
+
+class InMemoryStorage(BaseStorage):
+    """Studies, trials and plans in process memory. Thread-safe (one lock); not shared across processes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._studies: dict[int, StudyRecord] = {}
+        self._trials: dict[int, FrozenTrial] = {}
+        self._study_trials: dict[int, list[int]] = {}
+        self._plans: dict[str, Plan] = {}
+
+    def __repr__(self) -> str:
+        return "InMemoryStorage()"
+
+    # studies
+
+    def create_study(
+        self,
+        *,
+        name: str,
+        strategy: str,
+        strategy_params: dict[str, Any],
+        environment: dict[str, Any],
+        budget: Budget,
+        seed: int,
+        space: dict[str, Any],
+    ) -> StudyRecord:
+        record = StudyRecord(
+            study_id=0,
+            name=name,
+            strategy=strategy,
+            strategy_params=strict_json(strategy_params, "strategy_params"),
+            environment=strict_json(environment, "environment"),
+            budget=budget,
+            seed=int(seed),
+            created_at=utcnow(),
+            space=strict_json(space, "space"),
+        )
+        with self._lock:
+            if any(study.name == name for study in self._studies.values()):
+                raise DuplicateStudy(f"a study named {name!r} exists already: resume it or pick another name")
+            record = replace(record, study_id=len(self._studies) + 1)
+            self._studies[record.study_id] = record
+            self._study_trials[record.study_id] = []
+            return _study_out(record)
+
+    def get_study(self, study_id: int) -> StudyRecord:
+        with self._lock:
+            return _study_out(self._study(study_id))
+
+    def get_study_by_name(self, name: str) -> StudyRecord:
+        with self._lock:
+            for study in self._studies.values():
+                if study.name == name:
+                    return _study_out(study)
+        raise KeyError(f"no study named {name!r}")
+
+    def list_studies(self) -> list[StudyRecord]:
+        with self._lock:
+            return [_study_out(study) for study in self._studies.values()]
+
+    def _study(self, study_id: int) -> StudyRecord:
+        try:
+            return self._studies[study_id]
+        except KeyError:
+            raise KeyError(f"no study with id {study_id}") from None
+
+    # trials
+
+    def create_trial(
+        self,
+        study_id: int,
+        *,
+        plan: Plan,
+        estimated_cost: Cost,
+        rationale: str = "",
+        strategy_info: dict[str, Any] | None = None,
+        planner_cost: Cost | None = None,
+        state: TrialState = TrialState.RUNNING,
+    ) -> FrozenTrial:
+        state = TrialState(state)
+        if state not in _NEW_STATES:
+            raise ValueError(f"a new trial is waiting, running or rejected, not {state}")
+        info = strict_json(strategy_info or {}, "strategy_info")
+        now = utcnow()
+        with self._lock:
+            self._study(study_id)
+            numbers = self._study_trials[study_id]
+            self._plans.setdefault(plan.plan_id, plan)
+            trial = FrozenTrial(
+                trial_id=len(self._trials) + 1,
+                study_id=study_id,
+                number=len(numbers),
+                state=state,
+                plan=self._plans[plan.plan_id],
+                estimated_cost=estimated_cost,
+                rationale=rationale,
+                strategy_info=info,
+                planner_cost=planner_cost or Cost(),
+                started_at=now if state is TrialState.RUNNING else None,
+                finished_at=now if state is TrialState.REJECTED else None,
+            )
+            self._trials[trial.trial_id] = trial
+            numbers.append(trial.trial_id)
+            return _trial_out(trial)
+
+    def set_trial_running(self, trial_id: int) -> FrozenTrial:
+        with self._lock:
+            trial = self._trial(trial_id)
+            if trial.state is not TrialState.WAITING:
+                raise RuntimeError(f"trial {trial_id} is {trial.state}, not waiting: it cannot start")
+            trial = replace(trial, state=TrialState.RUNNING, started_at=utcnow())
+            self._trials[trial_id] = trial
+            return _trial_out(trial)
+
+    def finish_trial(
+        self,
+        trial_id: int,
+        *,
+        state: TrialState,
+        score: float | None = None,
+        spread: float | None = None,
+        scores: Iterable[float] = (),
+        cost: Cost | None = None,
+        error: str | None = None,
+    ) -> FrozenTrial:
+        state = TrialState(state)
+        if not state.is_finished:
+            raise ValueError(f"a trial finishes as complete, fail or rejected, not {state}")
+        values = finite_scores(score, spread, scores)
+        with self._lock:
+            trial = self._trial(trial_id)
+            if trial.state.is_finished:
+                raise RuntimeError(f"trial {trial_id} is already {trial.state}; finished trials are immutable")
+            trial = replace(
+                trial,
+                state=state,
+                score=None if score is None else float(score),
+                spread=None if spread is None else float(spread),
+                scores=values,
+                cost=cost,
+                error=error,
+                finished_at=utcnow(),
+            )
+            self._trials[trial_id] = trial
+            return _trial_out(trial)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        with self._lock:
+            return _trial_out(self._trial(trial_id))
+
+    def get_trials(self, study_id: int, states: Iterable[TrialState] | None = None) -> list[FrozenTrial]:
+        wanted = None if states is None else {TrialState(state) for state in states}
+        with self._lock:
+            self._study(study_id)
+            trials = [self._trials[trial_id] for trial_id in self._study_trials[study_id]]
+            return [_trial_out(t) for t in trials if wanted is None or t.state in wanted]
+
+    def _trial(self, trial_id: int) -> FrozenTrial:
+        try:
+            return self._trials[trial_id]
+        except KeyError:
+            raise KeyError(f"no trial with id {trial_id}") from None
+
+    # plans
+
+    def get_plan(self, plan_id: str) -> Plan:
+        key = plan_id.strip().lower()
+        if len(key) < _MIN_PREFIX or any(char not in string.hexdigits for char in key):
+            raise KeyError(f"plan id {plan_id!r}: give the id or at least {_MIN_PREFIX} of its hex characters")
+        with self._lock:
+            if key in self._plans:
+                return self._plans[key]
+            matches = [pid for pid in self._plans if pid.startswith(key)]
+        if not matches:
+            raise KeyError(f"no plan with id {plan_id!r}")
+        if len(matches) > 1:
+            raise KeyError(f"plan id prefix {plan_id!r} matches several plans: give more characters")
+        return self._plans[matches[0]]
