@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,9 @@ class ReplayEnvironment(Environment):
         orderings: int = 8,
         seed: int = 0,
         caps: Sequence[int] | None = None,
+        catalog: Mapping[str, ModelSpec] | None = None,
     ) -> None:
+        """``catalog`` overrides the data's model sizes and adds prices, routes and limits."""
         if orderings < 1:
             raise ValueError("orderings must be >= 1")
         self._directory = Path(data) if data is not None else bundled_data_dir()
@@ -106,6 +108,8 @@ class ReplayEnvironment(Environment):
         if data is None and benchmark is None:
             benchmark = DEFAULT_BENCHMARK
         self.data: BenchmarkData = load_benchmark(self._directory, benchmark)
+        self._catalog = {m: spec for m, spec in (catalog or {}).items() if m in self.data.records}
+        self.data.specs.update(self._catalog)
         self.orderings = orderings
         self.seed = seed
         self._problem_ids = [p.id for p in self.data.problems]
@@ -146,6 +150,7 @@ class ReplayEnvironment(Environment):
             "orderings": self.orderings,
             "seed": self.seed,
             "caps": list(self._caps),
+            "catalog": {m: spec.model_dump(mode="json") for m, spec in self._catalog.items()},
         }
 
     @classmethod
@@ -156,6 +161,7 @@ class ReplayEnvironment(Environment):
             orderings=int(spec.get("orderings", 8)),
             seed=int(spec.get("seed", 0)),
             caps=spec.get("caps"),
+            catalog={m: ModelSpec(**fields) for m, fields in (spec.get("catalog") or {}).items()},
         )
 
     def check(self, plan: Plan) -> None:

@@ -61,14 +61,19 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 # -- study run -------------------------------------------------------------------------------------
 
 
-def _environment(data: Path | None, benchmark: str | None, simulated: int, orderings: int, seed: int) -> Environment:
+def _environment(
+    data: Path | None, benchmark: str | None, simulated: int, orderings: int, seed: int, catalog: Path | None
+) -> Environment:
+    from planner.catalog import load_catalog
+
+    specs = load_catalog(catalog) if catalog is not None else None
     if simulated:
         from executors.simulated import SimulatedEnvironment
 
-        return SimulatedEnvironment(stages=simulated, seed=seed)
+        return SimulatedEnvironment(stages=simulated, seed=seed, models=specs)
     from executors.replay import ReplayEnvironment
 
-    return ReplayEnvironment(data, benchmark, orderings=orderings, seed=seed)
+    return ReplayEnvironment(data, benchmark, orderings=orderings, seed=seed, catalog=specs)
 
 
 @study_app.command("run")
@@ -78,6 +83,8 @@ def study_run(
     ] = None,
     benchmark: Annotated[str | None, typer.Option(help="Benchmark in the replay directory (default: the first).")] = None,
     simulated: Annotated[int, typer.Option(help="Use a simulated task with this many stages instead of replay data.")] = 0,
+    catalog: Annotated[Path | None, typer.Option(help="Model catalog (YAML/JSON): sizes, prices, routes per model.")] = None,
+    models: Annotated[str | None, typer.Option(help="Comma-separated models to search over (default: all).")] = None,
     budget: Annotated[float | None, typer.Option(help="Budget per task input, in --unit.")] = None,
     unit: Annotated[str, typer.Option(help="Budget unit: " + ", ".join(u.value for u in BudgetUnit))] = "agenttts",
     budget_fraction: Annotated[
@@ -111,8 +118,9 @@ def study_run(
             study = existing
             console.print(f"Resuming study [bold]{study.name}[/] ({len(study.evaluated_trials)} evaluated trials stored).")
         else:
-            environment = _environment(data, benchmark, simulated, orderings, seed)
-            space = SearchSpace.from_info(environment.info)
+            environment = _environment(data, benchmark, simulated, orderings, seed, catalog)
+            pool = [m.strip() for m in models.split(",") if m.strip()] if models else None
+            space = SearchSpace.from_info(environment.info, models=pool)
             if budget_fraction is not None:
                 if not 0 < budget_fraction <= 1:
                     raise BudgetError(f"--budget-fraction {budget_fraction} must be in (0, 1]")

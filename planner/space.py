@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from executors.environment import EnvironmentInfo
+from graphs.errors import UnknownModel
 from graphs.plan import Node, Plan, StageGraph
 
 __all__ = ["SearchSpace", "StageChoice"]
@@ -57,10 +58,21 @@ class SearchSpace:
         max_models: int | None = None,
         caps: Sequence[int | None] | None = None,
         early_stop: Sequence[int | None] | None = None,
+        models: Sequence[str] | None = None,
     ) -> SearchSpace:
         """The full space an environment offers: mixtures of up to two models for single-stage tasks
         (one per stage for multi-stage tasks, where mixtures multiply the space), sample counts in
-        powers of two up to what the environment allows, every cap, early stop where supported."""
+        powers of two up to what the environment allows, every cap, early stop where supported.
+        ``models`` restricts the pool; a name the environment does not have is ``UnknownModel``."""
+        stage_models = {s: tuple(info.stage_models[s]) for s in info.stages}
+        if models is not None:
+            unknown = [m for m in models if m not in info.models]
+            if unknown:
+                raise UnknownModel(f"unknown model {unknown[0]!r} in {info.name}: known models are {', '.join(info.models)}")
+            stage_models = {s: tuple(m for m in ms if m in models) for s, ms in stage_models.items()}
+            empty = [s for s, ms in stage_models.items() if not ms]
+            if empty:
+                raise UnknownModel(f"none of the chosen models can run stage {empty[0]!r} of {info.name}")
         n_choices = {m: _powers_of_two(limit) for m, limit in info.max_samples.items()}
         if max_models is None:
             max_models = 2 if len(info.stages) == 1 else 1
@@ -68,7 +80,7 @@ class SearchSpace:
             early_stop = (None, *DEFAULT_EARLY_STOP) if info.early_stop else (None,)
         return cls(
             stages=info.stages,
-            stage_models={s: tuple(info.stage_models[s]) for s in info.stages},
+            stage_models=stage_models,
             n_choices=n_choices,
             caps=tuple(caps) if caps is not None else tuple(info.caps),
             early_stop=tuple(early_stop),
