@@ -8,7 +8,7 @@ kinds sit behind it: live (runs models), replay (recorded samples, zero LLM call
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,18 @@ class Environment(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, plan: Plan) -> Evaluation:
         """Score ``plan``. Deterministic for a given environment spec."""
+
+    def search_cost(self, plans: Sequence[Plan]) -> tuple[Cost, Cost]:
+        """What evaluating all ``plans`` generates per example: (with sample reuse, without).
+
+        Without reuse every plan pays its own samples. With reuse a sample is generated once and served
+        from the sample store to every later plan that asks for it (the first 8 of 16 samples, a stage
+        prefix shared by two plans). This default knows no reuse; environments that do override it.
+        """
+        total = Cost()
+        for plan in plans:
+            total = total + self.estimate_cost(plan)
+        return total, total
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

@@ -246,6 +246,30 @@ class ReplayEnvironment(Environment):
             per_example=tuple(correct.mean(axis=0).tolist()),
         )
 
+    def search_cost(self, plans: Sequence[Plan]) -> tuple[Cost, Cost]:
+        """Per example, with reuse: each model's j-th sample is generated once, as far as the largest cap
+        any plan read it to (a cut trace is the prefix of a longer one), and each model's prompt is read
+        once. Early stop is counted at its full sample count (an upper bound, as in ``estimate_cost``)."""
+        without = Cost()
+        reach: dict[str, dict[int, float]] = {}  # model -> sample index -> furthest cap (inf: uncapped)
+        for plan in plans:
+            without = without + self.estimate_cost(plan)
+            for node, off in zip(plan.stages[0].nodes, self._offsets(plan.stages[0].nodes), strict=True):
+                cap = math.inf if node.max_tokens is None else float(node.max_tokens)
+                slots = reach.setdefault(node.model, {})
+                for j in range(off, off + node.n):
+                    slots[j] = max(slots.get(j, 0.0), cap)
+        with_reuse = Cost()
+        for model, slots in reach.items():
+            flops = tokens = 0.0
+            for cap in slots.values():
+                view = self._view(model, None if cap == math.inf else int(cap))
+                flops += view.mean_cum_flops[-1] / view.order.shape[2]
+                tokens += view.mean_cum_tokens[-1] / view.order.shape[2]
+            node = Node(id="reuse", model=model, n=len(slots))
+            with_reuse = with_reuse + self._node_cost(node, flops, tokens)
+        return with_reuse, without
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _default_caps(self) -> tuple[int, ...]:
