@@ -91,7 +91,7 @@ def study_run(
     budget_fraction: Annotated[
         float | None, typer.Option(help="Budget as a fraction of the most expensive single-model plan (any data).")
     ] = None,
-    strategy: Annotated[str, typer.Option(help="Search strategy: " + ", ".join(STRATEGIES))] = "tpe",
+    strategy: Annotated[str, typer.Option(help="Search strategy: " + ", ".join(STRATEGIES))] = "insight",
     trials: Annotated[int, typer.Option(min=1, help="Evaluated trials the study should have in total.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed of the strategy and of the sample orderings.")] = 0,
     name: Annotated[str | None, typer.Option(help="Study name; an existing study of this name is resumed.")] = None,
@@ -150,8 +150,9 @@ def study_run(
             from workers.queue_runner import CeleryRunner
 
             runner = CeleryRunner(storage, database_url=_database_url(database), broker_url=broker)
-        remaining = max(0, trials - len(study.evaluated_trials))
+        # Unfinished trials of an interrupted run are evaluated first and count toward --trials (a total).
         unfinished = len([t for t in study.trials if not t.state.is_finished])
+        remaining = max(0, trials - len(study.evaluated_trials) - unfinished)
         with Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -382,6 +383,151 @@ def worker(
         run_worker(broker_url=broker, concurrency=concurrency)
     except AllotError as exc:
         raise _fail(str(exc)) from None
+
+
+# -- bench -----------------------------------------------------------------------------------------
+
+
+@app.command("bench")
+def bench(
+    data: Annotated[
+        Path | None, typer.Option(help="Replay directory; every benchmark in it is run. Default: bundled AIME data.")
+    ] = None,
+    benchmark: Annotated[
+        list[str] | None, typer.Option("--benchmark", help="Only this benchmark of the replay directory (repeatable).")
+    ] = None,
+    simulated: Annotated[
+        list[int] | None, typer.Option("--simulated", min=1, help="Add a simulated task with N stages (repeatable).")
+    ] = None,
+    no_replay: Annotated[bool, typer.Option("--no-replay", help="Skip the replay directory (simulated tasks only).")] = False,
+    budget: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--budget", help="Budget as a fraction of the costliest single-model plan (repeatable; default: 0.02 0.1 0.5)."
+        ),
+    ] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Evaluated trials per study.")] = 20,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per strategy and budget (0..S-1).")] = 3,
+    strategy: Annotated[
+        list[str] | None, typer.Option("--strategy", help="Strategy to run (repeatable; default: every one registered).")
+    ] = None,
+    planner_model: Annotated[
+        str | None, typer.Option(help="litellm route of the planner LLM, for strategies that take one.")
+    ] = None,
+    api_base: Annotated[str | None, typer.Option(help="API base URL of the planner LLM (e.g. a vLLM server).")] = None,
+    orderings: Annotated[int, typer.Option(min=1, help="Replay: sample orderings each plan is scored over.")] = 8,
+    workers: Annotated[int, typer.Option(min=1, help="Processes running studies; results do not depend on it.")] = (
+        os.cpu_count() or 1
+    ),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full results (JSON) here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write best-so-far curves (HTML) here.")] = None,
+) -> None:
+    """Compare search strategies against the exact optimum on every benchmark and budget."""
+    from planner.bench import DEFAULT_BUDGETS, BenchConfig, run_bench, write_plot
+
+    try:
+        for name in strategy or ():
+            _check_strategy(name)
+        if no_replay and not simulated:
+            raise BudgetError("--no-replay leaves nothing to bench: add --simulated N")
+        config = BenchConfig(
+            data=data,
+            benchmarks=() if no_replay else (tuple(benchmark) if benchmark else None),
+            simulated=tuple(simulated or ()),
+            budgets=tuple(budget) if budget else DEFAULT_BUDGETS,
+            trials=trials,
+            seeds=seeds,
+            strategies=tuple(strategy) if strategy else None,
+            planner_model=planner_model,
+            api_base=api_base,
+            orderings=orderings,
+            workers=workers,
+        )
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            bar = progress.add_task("optimum, then studies", total=None)
+
+            def on_study(done: int, total: int) -> None:
+                progress.update(bar, completed=done, total=total, description="studies")
+
+            result = run_bench(config, progress=on_study)
+    except (AllotError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    _print_bench(result)
+    if json_out is not None:
+        result.write_json(json_out)
+        console.print(f"Results: {json_out}")
+    if plot is not None:
+        write_plot(result, plot)
+        console.print(f"Curves: {plot}")
+
+
+def _print_bench(result: object) -> None:
+    from planner.bench import BenchResult
+
+    assert isinstance(result, BenchResult)
+    meta = result.meta
+    table = Table(
+        title=f"allot bench: {meta['trials']} trials x {len(meta['seeds'])} seeds per strategy "
+        "(regret in accuracy points vs the exact optimum; search cost as multiples of one run of the optimal plan)"
+    )
+    columns = (
+        "benchmark",
+        "budget",
+        "optimum",
+        "strategy",
+        "best (mean±sd)",
+        "regret (pts)",
+        "trials to 1pt",
+        "to 0.5pt",
+        "search x opt, reuse",
+        "no reuse",
+        "planner tokens",
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("benchmark", "strategy") else "right")
+    previous = None
+    for row in result.rows():
+        group = (row.benchmark, row.budget_fraction)
+        first = group != previous
+        if first and previous is not None:
+            table.add_section()
+        previous = group
+
+        def pm(mean: float | None, sd: float | None, digits: int, scale: float = 1.0) -> str:
+            if mean is None:
+                return "-"
+            return f"{mean * scale:.{digits}f}±{(sd or 0.0) * scale:.{digits}f}"
+
+        def trials_to(value: float | None) -> str:
+            return "never" if value is None else f"{value:g}"
+
+        def ratio(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1f}"
+
+        table.add_row(
+            row.benchmark if first else "",
+            f"{row.budget_fraction:g}" if first else "",
+            ("-" if row.optimum is None else f"{row.optimum:.3f}") if first else "",
+            row.strategy + (" [red](errors)[/]" if row.errors else ""),
+            pm(row.best_mean, row.best_std, 3),
+            pm(row.regret_mean, row.regret_std, 1),
+            trials_to(row.median_trials_to_1pt),
+            trials_to(row.median_trials_to_half_pt),
+            ratio(row.search_ratio_with_reuse),
+            ratio(row.search_ratio_without_reuse),
+            _fmt(row.planner_tokens, 3) if row.planner_tokens else "0",
+        )
+    console.print(table)
+    for error in result.errors:
+        err_console.print(f"[yellow]warning:[/] {escape(error)}", highlight=False, soft_wrap=True)
+    console.print(f"Bench finished in {result.seconds:.1f} s.")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from planner.strategies._base import Proposal, Strategy, StudyContext
+from planner.strategies._insight import InsightStrategy
 from planner.strategies._optuna import NSGAIIStrategy, TPEStrategy
 from planner.strategies._random import GridStrategy, RandomStrategy
 
 __all__ = [
     "STRATEGIES",
     "GridStrategy",
+    "InsightStrategy",
     "NSGAIIStrategy",
     "Proposal",
     "RandomStrategy",
@@ -20,7 +22,56 @@ __all__ = [
     "make_strategy",
 ]
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (RandomStrategy, GridStrategy, TPEStrategy, NSGAIIStrategy)}
+class _Registry(dict[str, type[Strategy]]):
+    """Strategies by name. The planner agents (planner.agents, which import langgraph and this package)
+    are added on first use, so importing either package first works."""
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            from planner.agents.agenttts import AgentTTSStrategy
+
+            for cls in (AgentTTSStrategy,):
+                self.setdefault(cls.name, cls)
+
+    def __getitem__(self, name: str) -> type[Strategy]:
+        self._load()
+        return super().__getitem__(name)
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return super().__contains__(name)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self._load()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._load()
+        return super().__len__()
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        self._load()
+        return super().keys()
+
+    def items(self):  # type: ignore[no-untyped-def]
+        self._load()
+        return super().items()
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self._load()
+        return super().values()
+
+    def get(self, name: str, default: type[Strategy] | None = None) -> type[Strategy] | None:  # type: ignore[override]
+        self._load()
+        return super().get(name, default)
+
+
+STRATEGIES: dict[str, type[Strategy]] = _Registry(
+    {cls.name: cls for cls in (InsightStrategy, RandomStrategy, GridStrategy, TPEStrategy, NSGAIIStrategy)}
+)
 
 
 def make_strategy(name: str, seed: int, params: dict[str, Any] | None = None) -> Strategy:

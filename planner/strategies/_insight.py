@@ -1,17 +1,348 @@
-"""The insight heuristic: AgentTTS's three insights as rules, needing no planner LLM (work in progress)."""
+"""The insight heuristic: AgentTTS's three insights as rules, needing no planner LLM.
+
+1. Stages prefer different models: probe every model of every stage once, at the smallest sample count.
+2. More samples help up to a point: grow the best models' sample counts toward the budget, and stop
+   growing a model once a doubling gained less than ``plateau`` points.
+3. Stages interact: after the probes, moves change one stage at a time (and trade budget between two
+   stages), judged by the whole plan's score, so an earlier stage's allocation is re-tuned when a later
+   stage changes what it needs.
+
+After the probes the search is a best-first local search around the incumbent (the best plan so far):
+each candidate move (double or halve a node's samples, swap a model for a better-probed one, add or drop a
+model of a mixture, change the cap or the early-stop rule) gets a predicted gain from what the same kind of
+move gained before in this study, plus a bonus for using more of the budget, since compute helps until it
+plateaus. Everything is derived from the stored trials, so the strategy resumes without state of its own.
+The default strategy when no planner LLM is configured, and every agent's fallback.
+"""
 
 from __future__ import annotations
 
-from planner.strategies._base import Proposal, StudyContext
-from planner.strategies._random import RandomStrategy
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from graphs.plan import Plan
+from planner.space import SearchSpace, StageChoice
+from planner.strategies._base import Proposal, Strategy, StudyContext
+from planner.trial import FrozenTrial, TrialState
 
 __all__ = ["InsightStrategy"]
 
+# Prior gain (score points, 0..1 scale) of each kind of move before the study has tried it.
+PRIOR_GAIN = {
+    "fill": 0.03,
+    "grow": 0.02,
+    "mix": 0.015,
+    "swap": 0.01,
+    "trade": 0.008,
+    "stop": 0.004,
+    "cap": 0.002,
+    "shrink": -0.005,
+    "drop": -0.005,
+}
 
-class InsightStrategy(RandomStrategy):
-    """Placeholder while the rules are written: behaves like random search."""
+
+@dataclass(frozen=True)
+class _Move:
+    kind: str
+    choices: tuple[StageChoice, ...]
+    note: str
+
+
+class InsightStrategy(Strategy):
+    """Probe, then grow and mix the best models within the budget; see the module docstring."""
 
     name = "insight"
 
+    def __init__(self, seed: int | None = None, plateau: float = 0.005, spend_bonus: float = 0.01) -> None:
+        self.plateau = plateau
+        self.spend_bonus = spend_bonus
+        super().__init__(seed)
+
+    def params(self) -> dict[str, float]:
+        return {"plateau": self.plateau, "spend_bonus": self.spend_bonus}
+
+    def reseed(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    # -- proposing -------------------------------------------------------------------------------
+
     def propose(self, context: StudyContext, n: int) -> list[Proposal]:
-        return super().propose(context, n)
+        space = context.space
+        tried = context.tried()
+        out: list[Proposal] = []
+        for plan, stage, model in self._probes(context):
+            if len(out) == n:
+                return out
+            if plan.plan_id not in tried:
+                tried.add(plan.plan_id)
+                why = f"probe (insight 1): {model} on stage {stage} at its smallest sample count"
+                out.append(Proposal(plan, why, {"phase": "probe", "stage": stage, "model": model}))
+        complete = [t for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None]
+        if not complete:
+            return out
+        for floor in (1, 4):
+            assembled = _assemble(space, context, floor)
+            if assembled is not None and assembled.plan_id not in tried and len(out) < n:
+                tried.add(assembled.plan_id)
+                why = (
+                    f"assemble: each stage's best-probed model that affords {floor}+ samples, scaled to the "
+                    "budget, weakest stages first"
+                )
+                out.append(Proposal(assembled, why, {"phase": "assemble"}))
+        gains = _observed_gains(context.trials, space)
+        incumbents = sorted(complete, key=lambda t: (-(t.score or 0.0), context.spent(t.plan), t.number))
+        for incumbent in incumbents:
+            base = tuple(space.choices_of(incumbent.plan))
+            ranked = []
+            for move in self._moves(space, base, context):
+                plan = space.plan(move.choices)
+                if plan.plan_id in tried or not context.fits(plan):
+                    continue
+                tried.add(plan.plan_id)
+                gain = gains.get(move.kind, PRIOR_GAIN[move.kind])
+                spend = context.spent(plan) / context.budget.limit
+                priority = gain + self.spend_bonus * spend + 1e-6 * self._rng.random()
+                ranked.append((priority, move, plan))
+            ranked.sort(key=lambda item: -item[0])
+            for priority, move, plan in ranked[: n - len(out)]:
+                rationale = f"{move.note} (from trial {incumbent.number}, predicted gain {100 * priority:+.1f} pts)"
+                out.append(Proposal(plan, rationale, {"phase": "search", "move": move.kind, "parent": incumbent.number}))
+            if len(out) == n:
+                break
+        for _ in range(200 * n):  # every neighbourhood explored: keep going with random feasible plans
+            if len(out) == n:
+                break
+            plan = space.sample(self._rng)
+            if plan.plan_id not in tried and context.fits(plan):
+                tried.add(plan.plan_id)
+                out.append(Proposal(plan, "explore: every neighbour of the tried plans is tried", {"phase": "explore"}))
+        return out
+
+    def _probes(self, context: StudyContext) -> Iterator[tuple[Plan, str, str]]:
+        """Insight 1: each model of each stage once at the smallest count; other stages at an anchor."""
+        space = context.space
+        anchor = [_cheapest_fitting(space, s, context) for s in space.stages]
+        order = random.Random(self.seed)  # the seed decides the probing order, nothing else
+        for index, stage in enumerate(space.stages):
+            models = list(space.stage_models[stage])
+            order.shuffle(models)
+            for model in models:
+                choice = _smallest(space, model, context, anchor, index)
+                if choice is None:
+                    continue
+                choices = list(anchor)
+                choices[index] = choice
+                yield space.plan(choices), stage, model
+
+    def _moves(self, space: SearchSpace, base: tuple[StageChoice, ...], context: StudyContext) -> Iterator[_Move]:
+        probe = _probe_scores(context, space)
+        for index, stage in enumerate(space.stages):
+            choice = base[index]
+            counts = dict(choice.samples)
+            ranked_models = sorted(space.stage_models[stage], key=lambda m: -probe.get((stage, m), 0.0))
+
+            def with_stage(new: StageChoice, index: int = index) -> tuple[StageChoice, ...]:
+                return tuple(new if i == index else c for i, c in enumerate(base))
+
+            def rebuilt(samples: dict[str, int], stage: str = stage, choice: StageChoice = choice) -> StageChoice:
+                order = space.stage_models[stage]
+                ordered = tuple(sorted(samples.items(), key=lambda mn: order.index(mn[0])))
+                stop = choice.early_stop if choice.early_stop is None or sum(samples.values()) > choice.early_stop else None
+                return replace(choice, samples=ordered, early_stop=stop)
+
+            for model, n in counts.items():
+                bigger = _next(space.n_choices[model], n, +1)
+                if bigger is not None:
+                    yield _Move("grow", with_stage(rebuilt({**counts, model: bigger})), f"grow {model} to {bigger} samples")
+                smaller = _next(space.n_choices[model], n, -1)
+                if smaller is not None:
+                    yield _Move("shrink", with_stage(rebuilt({**counts, model: smaller})), f"shrink {model} to {smaller}")
+                for other in ranked_models:
+                    if other not in counts and probe.get((stage, other), 0.0) >= probe.get((stage, model), 0.0):
+                        swapped = {k: v for k, v in counts.items() if k != model}
+                        swapped[other] = _closest(space.n_choices[other], n)
+                        yield _Move("swap", with_stage(rebuilt(swapped)), f"swap {model} for better-probed {other}")
+                        break
+                if len(counts) > 1:
+                    rest = {k: v for k, v in counts.items() if k != model}
+                    yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture")
+            # Insight 2, boldly: scale every node of the stage by the largest power of two that fits.
+            filled = _fill(space, base, index, counts, context, rebuilt)
+            if filled is not None:
+                yield _Move("fill", filled[0], f"scale stage {stage} up x{filled[1]} to use the budget")
+            if len(counts) < space.max_models:
+                for other in ranked_models:
+                    if other not in counts:
+                        n = _closest(space.n_choices[other], min(counts.values()))
+                        mixed = {**counts, other: n}
+                        yield _Move("mix", with_stage(rebuilt(mixed)), f"mix in {other} x{n}")
+                        filled = _fill(space, with_stage(rebuilt(mixed)), index, mixed, context, rebuilt)
+                        if filled is not None:
+                            yield _Move("fill", filled[0], f"mix in {other} and scale up x{filled[1]} to use the budget")
+                        break
+            for stop in space.early_stop:
+                if stop != choice.early_stop and (stop is None or sum(counts.values()) > stop):
+                    label = "no early stop" if stop is None else f"stop once {stop} answers agree"
+                    yield _Move("stop", with_stage(replace(choice, early_stop=stop)), label)
+            caps = list(space.caps)
+            if choice.cap in caps:
+                position = caps.index(choice.cap)
+                for step in (-1, +1):
+                    if 0 <= position + step < len(caps):
+                        cap = caps[position + step]
+                        yield _Move("cap", with_stage(replace(choice, cap=cap)), f"thinking cap {cap or 'none'}")
+            # Insight 3: trade budget between stages.
+            for other_index, other_stage in enumerate(space.stages):
+                if other_index == index:
+                    continue
+                giver = dict(base[other_index].samples)
+                model, n = max(giver.items(), key=lambda mn: mn[1])
+                smaller = _next(space.n_choices[model], n, -1)
+                top = max(counts, key=lambda m: probe.get((stage, m), 0.0))
+                bigger = _next(space.n_choices[top], counts[top], +1)
+                if smaller is None or bigger is None:
+                    continue
+                traded = list(base)
+                traded[index] = rebuilt({**counts, top: bigger})
+                traded[other_index] = replace(base[other_index], samples=tuple({**giver, model: smaller}.items()))
+                yield _Move("trade", tuple(traded), f"move budget from stage {other_stage} to stage {stage}")
+
+
+def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -> Plan | None:
+    """Insights 1-3 in one plan: each stage's best-probed model, downgraded (the stage whose model costs
+    most moves to its next best cheaper model) until every stage affords ``min_samples`` within the
+    budget, then the samples of the weakest stage that can still grow are doubled while the plan fits."""
+    probe = _probe_scores(context, space)
+    probe_cost = _probe_costs(context)
+    ranked: list[list[str]] = []
+    for stage in space.stages:
+        known = [m for m in space.stage_models[stage] if (stage, m) in probe]
+        if not known:
+            return None
+        ranked.append(sorted(known, key=lambda m, s=stage: (-probe[(s, m)], probe_cost.get((s, m), 0.0))))
+    cap = _widest_cap(space)
+    picks = [0] * len(space.stages)
+
+    def plan_of(allocation: list[dict[str, int]]) -> Plan:
+        return space.plan([StageChoice(tuple(a.items()), cap) for a in allocation])
+
+    def start(floor: int) -> list[dict[str, int]]:
+        return [{ranked[i][picks[i]]: _closest(space.n_choices[ranked[i][picks[i]]], floor)} for i in range(len(space.stages))]
+
+    def cost_of(i: int, k: int) -> float:
+        return probe_cost.get((space.stages[i], ranked[i][k]), 0.0)
+
+    while not context.fits(plan_of(start(min_samples))):
+        options = [
+            (
+                cost_of(i, picks[i]),
+                i,
+                next(k for k in range(picks[i] + 1, len(ranked[i])) if cost_of(i, k) < cost_of(i, picks[i])),
+            )
+            for i in range(len(picks))
+            if any(cost_of(i, k) < cost_of(i, picks[i]) for k in range(picks[i] + 1, len(ranked[i])))
+        ]
+        if not options:
+            return None
+        _, stage_index, cheaper = max(options)
+        picks[stage_index] = cheaper
+    counts = start(min_samples)
+    growing = set(range(len(space.stages)))
+    while growing:
+        index = min(growing, key=lambda i: (max(probe[(space.stages[i], m)] for m in counts[i]), i))
+        ((model, n),) = counts[index].items()
+        bigger = _next(space.n_choices[model], n, +1)
+        trial = [dict(c) for c in counts]
+        if bigger is not None:
+            trial[index] = {model: bigger}
+        if bigger is None or not context.fits(plan_of(trial)):
+            growing.discard(index)
+            continue
+        counts = trial
+    return plan_of(counts)
+
+
+def _probe_costs(context: StudyContext) -> dict[tuple[str, str], float]:
+    """(stage, model) -> cost of its probe plan in budget units (others at the anchor, so comparable)."""
+    costs: dict[tuple[str, str], float] = {}
+    for trial in context.trials:
+        info = trial.strategy_info
+        if info.get("phase") == "probe":
+            costs[(str(info.get("stage")), str(info.get("model")))] = context.budget.spent(trial.estimated_cost)
+    return costs
+
+
+def _fill(space, base, index, counts, context, rebuilt):  # type: ignore[no-untyped-def]
+    """``base`` with stage ``index``'s counts multiplied by the largest power of two (>= 4) that fits."""
+    best = None
+    factor = 4
+    while True:
+        scaled = {m: n * factor for m, n in counts.items()}
+        if any(n not in space.n_choices[m] for m, n in scaled.items()):
+            return best
+        choices = tuple(rebuilt(scaled) if i == index else c for i, c in enumerate(base))
+        if not context.fits(space.plan(choices)):
+            return best
+        best = (choices, factor)
+        factor *= 2
+
+
+def _observed_gains(trials: Sequence[FrozenTrial], space: SearchSpace) -> dict[str, float]:
+    """Mean score change each kind of move produced over its parent trial, from the stored trials."""
+    by_number = {t.number: t for t in trials}
+    deltas: dict[str, list[float]] = {}
+    for trial in trials:
+        kind = trial.strategy_info.get("move")
+        parent = by_number.get(trial.strategy_info.get("parent", -1))
+        if not kind or parent is None or trial.score is None or parent.score is None:
+            continue
+        deltas.setdefault(kind, []).append(trial.score - parent.score)
+    return {kind: sum(values) / len(values) for kind, values in deltas.items()}
+
+
+def _probe_scores(context: StudyContext, space: SearchSpace) -> dict[tuple[str, str], float]:
+    """(stage, model) -> score of the probe of that model on that stage, all else held at the anchor."""
+    scores: dict[tuple[str, str], float] = {}
+    for trial in context.trials:
+        info = trial.strategy_info
+        if trial.state is TrialState.COMPLETE and trial.score is not None and info.get("phase") == "probe":
+            scores[(str(info.get("stage")), str(info.get("model")))] = trial.score
+    return scores
+
+
+def _cheapest_fitting(space: SearchSpace, stage: str, context: StudyContext) -> StageChoice:
+    """The anchor of a stage while others are probed: its mid-sized model at the smallest count."""
+    models = space.stage_models[stage]
+    model = models[(len(models) - 1) // 2]
+    return StageChoice(((model, min(space.n_choices[model])),), _widest_cap(space))
+
+
+def _widest_cap(space: SearchSpace) -> int | None:
+    return None if None in space.caps else max(c for c in space.caps if c is not None)
+
+
+def _smallest(
+    space: SearchSpace, model: str, context: StudyContext, anchor: Sequence[StageChoice], index: int
+) -> StageChoice | None:
+    """The model at its smallest count, uncapped if that fits the budget, else at the widest cap that does."""
+    caps = sorted(space.caps, key=lambda c: float("inf") if c is None else c, reverse=True)
+    for cap in caps:
+        choice = StageChoice(((model, min(space.n_choices[model])),), cap)
+        trial = list(anchor)
+        trial[index] = choice
+        if context.fits(space.plan(trial)):
+            return choice
+    return None
+
+
+def _next(values: Sequence[int], current: int, step: int) -> int | None:
+    ordered = sorted(values)
+    if current not in ordered:
+        return None
+    position = ordered.index(current) + step
+    return ordered[position] if 0 <= position < len(ordered) else None
+
+
+def _closest(values: Sequence[int], target: int) -> int:
+    return min(values, key=lambda v: (abs(v - target), v))

@@ -1,0 +1,1 @@
+"""Planner agents: strategies whose proposals come from a planner LLM, run as langgraph graphs."""
