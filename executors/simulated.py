@@ -36,12 +36,47 @@ Costs are real FLOPs (``graphs.cost.call_flops``) with per-stage prompt (200..12
 token counts. Temperatures are ignored. ``optimum(budget)`` returns the exact best allocation;
 ``true_score``, ``stage_accuracy``, ``stage_cost`` and ``rescue`` expose the curves to tests. Pure
 computation, no I/O.
+
+**Collaboration graphs** (``graphs=True``; Agent-REINFORCE's search space). A stage may then hold
+reviewer, reviser and aggregator nodes joined by edges and decide by ``fusion``; ``info.roles`` and
+``info.decisions`` say so. Each node's accuracy ``a`` (the chance its answer is right) is computed in
+topological order; ``logit`` and ``sigma`` convert between accuracy and log-odds. With the stage-level
+parameters drawn from their own seeded stream (so the allocation curves above do not move):
+``depth_gain g ~ U(0.4, 1.0)``, ``depth_opt in {1, 2, 3}``, ``depth_decline ~ U(0.15, 0.4)``,
+``interaction lam ~ U(-0.1, 0.3)`` and ``fusion phi ~ U(0.15, 0.5)``:
+
+- solver (no inputs): ``acc[s, m](n)`` above. **Width** is its samples (majority vote saturates and then
+  declines past ``n_opt``) and the number of parallel solvers.
+- vote over answer-bearing nodes (solvers, revisers, aggregators): solvers pool by model as above, each
+  other node is one more voter; ``a = a_best + 0.1 * (1 - a_best) * mean(a_others)``. Without edges and
+  helpers this is exactly the allocation model.
+- reviewer (model ``m``, ``n`` samples) reads answers and writes a critique of quality ``q = acc[s, m](n)``;
+  it is not an answer (a review nobody reads is invalid).
+- reviser (model ``m``, ``n``): rewrites the vote of its answer inputs ``a_in`` given the best critique
+  among its reviewer inputs (without one it critiques itself at ``q = 0.5 * acc[s, m](1)``). Its
+  **depth** ``r`` is 1 + the most reviser rounds on any path into it. Round ``r`` adds
+  ``g * 0.6 ** (r - 1) * (q + acc[s, m](n)) / 2 / max(0.5, 1 + lam * log2(w))`` logits while
+  ``r <= depth_opt`` and loses ``depth_decline * (r - depth_opt)`` logits past it (over-revision breaks
+  right answers): accuracy over depth rises to a task-dependent optimum, then declines. ``w`` is the
+  number of solver samples upstream of the reviser: the **width/depth interaction**. With ``lam > 0``
+  depth substitutes for width (revising a wide vote gains less); with ``lam < 0`` they complement (more
+  candidates make a better revision).
+- aggregator (model ``m``): **fusion** of its answer inputs, ``logit(a) = logit(vote) + phi * (2 * size_m
+  - 1) + 0.5 * g * q_best`` (``size_m`` in [0, 1] on a log scale; ``q_best`` from reviewer inputs, else
+  0): a bit better than majority vote for strong aggregator models, a bit worse for weak ones.
+- the stage's answer: the aggregator sink under ``fusion``, else the vote over the sinks. Its rescue is
+  the best rescue among all its nodes' models; coupling across stages is unchanged.
+
+Costs follow edges: a node's prompt is the stage prompt plus every sample its inputs wrote (a reviewer
+writes half a solver's output tokens), so wide inputs make reviewers, revisers and aggregators dear, and
+a node whose prompt and output exceed its model's context window is invalid. Every node pays
+``call_flops(model, prompt, output, n)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,14 +84,24 @@ import numpy as np
 from executors.environment import Environment, EnvironmentInfo, Evaluation
 from graphs.cost import Budget, Cost, ModelSpec, call_flops, sample_usd
 from graphs.errors import BudgetError, InvalidPlan, UnknownModel
-from graphs.plan import DecisionRule, Plan, Role
+from graphs.plan import DecisionRule, Node, Plan, Role, StageGraph
 
-__all__ = ["DEFAULT_MODELS", "MIXTURE_BONUS", "N_CHOICES", "SimulatedEnvironment"]
+__all__ = ["DEFAULT_MODELS", "GRAPH_DECISIONS", "GRAPH_ROLES", "MIXTURE_BONUS", "N_CHOICES", "SimulatedEnvironment"]
 
 MIXTURE_BONUS = 0.1
 """Share of the best model's errors another model in the same stage fixes, times its accuracy."""
 
 N_EXAMPLES = 100
+GRAPH_ROLES = (Role.SOLVER, Role.REVIEWER, Role.REVISER, Role.AGGREGATOR)
+"""Roles a ``graphs=True`` environment runs."""
+GRAPH_DECISIONS = (DecisionRule.MAJORITY_VOTE, DecisionRule.FUSION)
+"""Decision rules a ``graphs=True`` environment runs."""
+ROUND_DECAY = 0.6  # each further useful revision round gains this share of the one before
+SELF_REVIEW = 0.5  # a reviser without a reviewer critiques itself at half its accuracy
+REVIEW_SHARE = 0.5  # a review is half as long as an answer
+FUSION_REVIEW = 0.5  # an aggregator reading reviews gains half a revision round's worth
+_ANSWER_ROLES = (Role.SOLVER, Role.REVISER, Role.AGGREGATOR)
+_GRAPH_SEED = 0x6772617068  # "graph": the graph parameters' own stream
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -109,6 +154,11 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
+def _log_odds(p: float) -> float:
+    p = min(max(p, 1e-9), 1.0 - 1e-9)
+    return math.log(p / (1.0 - p))
+
+
 class SimulatedEnvironment(Environment):
     """A seeded multi-stage task whose accuracy curves are known, so its optimum is known too."""
 
@@ -124,7 +174,10 @@ class SimulatedEnvironment(Environment):
         coupling: float = 0.5,
         max_samples: int = 64,
         name: str | None = None,
+        graphs: bool = False,
     ) -> None:
+        """``graphs=True`` also runs reviewer, reviser and aggregator nodes, edges and fusion (see the
+        module docstring); by default stages are AgentTTS allocations (independent solvers, majority vote)."""
         models = dict(DEFAULT_MODELS if models is None else models)
         if stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
@@ -148,12 +201,15 @@ class SimulatedEnvironment(Environment):
         self.repeats = int(repeats)
         self.coupling = float(coupling)
         self.max_samples = int(max_samples)
-        self.name = name or f"simulated-{self.stages}x{len(models)}-seed{self.seed}"
+        self.graphs = bool(graphs)
+        suffix = "-graphs" if self.graphs else ""
+        self.name = name or f"simulated-{self.stages}x{len(models)}-seed{self.seed}{suffix}"
         self.stage_names = tuple(f"stage{i + 1}" for i in range(self.stages))
         self._stage_index = {stage: i for i, stage in enumerate(self.stage_names)}
         self._draw()
         self._acc_cache: dict[tuple[int, str, int], float] = {}
         self._cost_cache: dict[tuple[int, str, int], Cost] = {}
+        self._graph_cache: dict[StageGraph, tuple[float, float, Cost]] = {}
         self._info = EnvironmentInfo(
             name=self.name,
             stages=self.stage_names,
@@ -161,8 +217,8 @@ class SimulatedEnvironment(Environment):
             stage_models={stage: tuple(self._names) for stage in self.stage_names},
             max_samples={model: self.max_samples for model in self._names},
             caps=(None,),
-            decisions=(DecisionRule.MAJORITY_VOTE,),
-            roles=(Role.SOLVER,),
+            decisions=GRAPH_DECISIONS if self.graphs else (DecisionRule.MAJORITY_VOTE,),
+            roles=GRAPH_ROLES if self.graphs else (Role.SOLVER,),
             early_stop=False,
             n_examples=N_EXAMPLES,
         )
@@ -209,6 +265,18 @@ class SimulatedEnvironment(Environment):
         ]
         self.prompt_tokens = tuple(int(t) for t in prompt)
         self.output_tokens = tuple(int(t) for t in output)
+        self._size = {name: float(size[j]) for j, name in enumerate(names)}
+        graph_rng = np.random.default_rng([self.seed, _GRAPH_SEED])
+        self._graph_params: list[dict[str, float]] = [
+            {
+                "depth_gain": float(graph_rng.uniform(0.4, 1.0)),
+                "depth_opt": float(graph_rng.integers(1, 4)),
+                "depth_decline": float(graph_rng.uniform(0.15, 0.4)),
+                "interaction": float(graph_rng.uniform(-0.1, 0.3)),
+                "fusion": float(graph_rng.uniform(0.15, 0.5)),
+            }
+            for _ in range(s)
+        ]
 
     # -- the Environment interface ------------------------------------------------------------------
 
@@ -227,6 +295,7 @@ class SimulatedEnvironment(Environment):
             "coupling": self.coupling,
             "max_samples": self.max_samples,
             "name": self.name,
+            "graphs": self.graphs,
         }
 
     @classmethod
@@ -250,6 +319,9 @@ class SimulatedEnvironment(Environment):
             what = f"unknown stage(s) {unknown}" if unknown else f"missing stage(s) {missing}"
             raise InvalidPlan(f"plan has {what}; this simulated task has stages {list(self.stage_names)}")
         for stage in plan.stages:
+            if self.graphs:
+                self._check_graph(stage)
+                continue
             if stage.decision is not DecisionRule.MAJORITY_VOTE:
                 raise InvalidPlan(
                     f"stage {stage.stage!r} decides by {stage.decision}; the simulated environment supports majority_vote only"
@@ -280,6 +352,48 @@ class SimulatedEnvironment(Environment):
                         f"node {node.id!r} of stage {stage.stage!r} caps tokens at "
                         f"{node.max_tokens}; the simulated environment supports no caps"
                     )
+
+    def _check_graph(self, stage: StageGraph) -> None:
+        """The rules of a collaboration graph the simulation can run (``graphs=True``)."""
+        where = f"stage {stage.stage!r}"
+        if stage.decision not in GRAPH_DECISIONS:
+            allowed = ", ".join(d.value for d in GRAPH_DECISIONS)
+            raise InvalidPlan(f"{where} decides by {stage.decision}; the simulated environment supports {allowed}")
+        if stage.early_stop is not None:
+            raise InvalidPlan(f"{where} sets early_stop; the simulated environment has none")
+        inputs: dict[str, list[Node]] = {node.id: [] for node in stage.nodes}
+        fed = {src for src, _ in stage.edges}
+        for src, dst in stage.edges:
+            inputs[dst].append(stage.node(src))
+        prompts = self._prompt_sizes(self._stage_index[stage.stage], stage)
+        for node in stage.nodes:
+            if node.model not in self.models:
+                raise UnknownModel(f"unknown model {node.model!r} in {where}; known models: {', '.join(self._names)}")
+            if node.role not in GRAPH_ROLES:
+                roles = ", ".join(r.value for r in GRAPH_ROLES)
+                raise InvalidPlan(f"node {node.id!r} of {where} has role {node.role}; the simulated environment runs {roles}")
+            if node.n > self.max_samples:
+                raise InvalidPlan(
+                    f"node {node.id!r} of {where} asks for {node.n} samples of {node.model}; "
+                    f"at most {self.max_samples} are allowed"
+                )
+            if node.max_tokens is not None:
+                raise InvalidPlan(
+                    f"node {node.id!r} of {where} caps tokens at {node.max_tokens}; the simulated environment supports no caps"
+                )
+            answers = [u for u in inputs[node.id] if u.role in _ANSWER_ROLES]
+            if node.role is Role.SOLVER and inputs[node.id]:
+                raise InvalidPlan(f"solver {node.id!r} of {where} has inputs; in the simulation a reviser revises answers")
+            if node.role is not Role.SOLVER and not answers:
+                raise InvalidPlan(f"{node.role} {node.id!r} of {where} has no answer to work on: give it a solver input")
+            if node.role is Role.REVIEWER and node.id not in fed:
+                raise InvalidPlan(f"reviewer {node.id!r} of {where} feeds nothing: connect it to a reviser or aggregator")
+            window = self.models[node.model].context
+            prompt, output = prompts[node.id]
+            if window is not None and prompt + output > window:
+                raise InvalidPlan(
+                    f"node {node.id!r} of {where} needs {prompt + output} tokens of context; {node.model} has {window}"
+                )
 
     def estimate_cost(self, plan: Plan) -> Cost:
         self.check(plan)
@@ -315,6 +429,36 @@ class SimulatedEnvironment(Environment):
     def stage_cost(self, stage: str, model: str, n: int) -> Cost:
         """Cost of one node at one stage: what a search adds up when it builds a plan stage by stage."""
         return self._node_cost(self._locate(stage, model, n), model, n)
+
+    def stage_graph_accuracy(self, graph: StageGraph) -> float:
+        """Local (upstream-independent) accuracy of one stage's collaboration graph (``graphs=True``)."""
+        self._check_stage_graph(graph)
+        i = self._stage_index[graph.stage]
+        if not _is_graph(graph):
+            pool: dict[str, int] = {}
+            for node in graph.nodes:
+                pool[node.model] = pool.get(node.model, 0) + node.n
+            return self._stage_local(i, pool)[0]
+        return self._graph_stage(i, graph)[0]
+
+    def stage_graph_cost(self, graph: StageGraph) -> Cost:
+        """Cost of one stage's collaboration graph, context growing along its edges."""
+        self._check_stage_graph(graph)
+        return self._graph_stage(self._stage_index[graph.stage], graph)[2]
+
+    def _check_stage_graph(self, graph: StageGraph) -> None:
+        if graph.stage not in self._stage_index:
+            raise InvalidPlan(f"unknown stage {graph.stage!r}; this simulated task has stages {list(self.stage_names)}")
+        if not self.graphs:
+            raise InvalidPlan("collaboration graphs need SimulatedEnvironment(graphs=True)")
+        self._check_graph(graph)
+
+    def graph_parameters(self, stage: str) -> dict[str, float]:
+        """The collaboration-graph curve of ``stage``: ``depth_gain``, ``depth_opt`` (the best number of
+        revision rounds), ``depth_decline``, ``interaction`` (width/depth) and ``fusion``."""
+        if stage not in self._stage_index:
+            raise InvalidPlan(f"unknown stage {stage!r}; this simulated task has stages {list(self.stage_names)}")
+        return dict(self._graph_params[self._stage_index[stage]])
 
     def rescue(self, stage: str, model: str) -> float:
         """Share of bad upstream answers ``model`` recovers from at ``stage`` (bigger models rescue more)."""
@@ -372,6 +516,8 @@ class SimulatedEnvironment(Environment):
 
     def _plan_score(self, plan: Plan) -> float:
         """Pool each stage's nodes by model (same model: samples add up), then run the chain."""
+        if any(_is_graph(stage) for stage in plan.stages):
+            return self._graph_chain_score(plan)
         pools: list[dict[str, int]] = [{} for _ in self.stage_names]
         for stage in plan.stages:
             pool = pools[self._stage_index[stage.stage]]
@@ -383,9 +529,118 @@ class SimulatedEnvironment(Environment):
         total = Cost()
         for stage in plan.stages:
             i = self._stage_index[stage.stage]
+            if _is_graph(stage):
+                total = total + self._graph_stage(i, stage)[2]
+                continue
             for node in stage.nodes:
                 total = total + self._node_cost(i, node.model, node.n)
         return total
+
+    # -- collaboration graphs -----------------------------------------------------------------------
+
+    def _graph_chain_score(self, plan: Plan) -> float:
+        upstream = 1.0
+        for stage in sorted(plan.stages, key=lambda g: self._stage_index[g.stage]):
+            i = self._stage_index[stage.stage]
+            if _is_graph(stage):
+                acc, rescue, _ = self._graph_stage(i, stage)
+            else:
+                pool: dict[str, int] = {}
+                for node in stage.nodes:
+                    pool[node.model] = pool.get(node.model, 0) + node.n
+                acc, rescue = self._stage_local(i, pool)
+            upstream = acc * (1.0 - self.coupling * (1.0 - upstream) * (1.0 - rescue))
+        return upstream
+
+    def _vote(self, i: int, solvers: Mapping[str, int], others: Sequence[float]) -> float:
+        """Majority vote over answers: solver samples pool by model, every other answer is one voter."""
+        accs = sorted([*(self._accuracy(i, m, n) for m, n in solvers.items()), *others], reverse=True)
+        best = accs[0]
+        if len(accs) > 1:
+            best += MIXTURE_BONUS * (1.0 - best) * (sum(accs[1:]) / (len(accs) - 1))
+        return best
+
+    def _prompt_sizes(self, i: int, stage: StageGraph) -> dict[str, tuple[int, int]]:
+        """(prompt, output) tokens per sample of every node: inputs' samples are appended to the prompt."""
+        base, answer = self.prompt_tokens[i], self.output_tokens[i]
+        review = max(1, math.ceil(REVIEW_SHARE * answer))
+        out = {node.id: review if node.role is Role.REVIEWER else answer for node in stage.nodes}
+        prompt = dict.fromkeys(out, base)
+        for src, dst in stage.edges:
+            prompt[dst] += stage.node(src).n * out[src]
+        return {nid: (prompt[nid], out[nid]) for nid in out}
+
+    def _graph_stage(self, i: int, stage: StageGraph) -> tuple[float, float, Cost]:
+        """Local accuracy, rescue and cost of a collaboration graph (see the module docstring)."""
+        cached = self._graph_cache.get(stage)
+        if cached is not None:
+            return cached
+        par = self._graph_params[i]
+        nodes = {node.id: node for node in stage.nodes}
+        inputs: dict[str, list[str]] = {nid: [] for nid in nodes}
+        for src, dst in stage.edges:
+            inputs[dst].append(src)
+        acc: dict[str, float] = {}
+        quality: dict[str, float] = {}
+        depth: dict[str, int] = {}
+        width: dict[str, dict[str, int]] = {}  # solver node id -> n, over every solver upstream
+
+        def vote_of(ids: Iterable[str]) -> float:
+            solvers: dict[str, int] = {}
+            others = []
+            for nid in ids:
+                node = nodes[nid]
+                if node.role is Role.SOLVER:
+                    solvers[node.model] = solvers.get(node.model, 0) + node.n
+                elif node.role in _ANSWER_ROLES:
+                    others.append(acc[nid])
+            return self._vote(i, solvers, others)
+
+        for nid in _topological(stage):
+            node = nodes[nid]
+            preds = inputs[nid]
+            upstream: dict[str, int] = {}
+            for u in preds:
+                upstream.update(width[u])
+            width[nid] = {nid: node.n} if node.role is Role.SOLVER else upstream
+            depth[nid] = max((depth[u] for u in preds), default=0)
+            reviews = [quality[u] for u in preds if nodes[u].role is Role.REVIEWER]
+            if node.role is Role.SOLVER:
+                acc[nid] = self._accuracy(i, node.model, node.n)
+            elif node.role is Role.REVIEWER:
+                quality[nid] = self._accuracy(i, node.model, node.n)
+            elif node.role is Role.REVISER:
+                depth[nid] += 1
+                r = depth[nid]
+                q = max(reviews) if reviews else SELF_REVIEW * self._accuracy(i, node.model, 1)
+                if r <= par["depth_opt"]:
+                    w = max(1, sum(width[nid].values()))
+                    damp = max(0.5, 1.0 + par["interaction"] * math.log2(w))
+                    skill = self._accuracy(i, node.model, node.n)
+                    delta = par["depth_gain"] * ROUND_DECAY ** (r - 1) * (q + skill) / 2.0 / damp
+                else:
+                    delta = -par["depth_decline"] * (r - par["depth_opt"])
+                acc[nid] = _sigmoid(_log_odds(vote_of(preds)) + delta)
+            else:  # aggregator: fusion of its inputs
+                bonus = par["fusion"] * (2.0 * self._size[node.model] - 1.0)
+                bonus += FUSION_REVIEW * par["depth_gain"] * max(reviews, default=0.0)
+                acc[nid] = _sigmoid(_log_odds(vote_of(preds)) + bonus)
+        if stage.decision is DecisionRule.FUSION:
+            local = acc[stage.answer_nodes[0].id]
+        else:
+            local = vote_of(node.id for node in stage.answer_nodes)
+        rescue = max(self._params[i][node.model][5] for node in stage.nodes)
+        cost = Cost()
+        for nid, (prompt, output) in self._prompt_sizes(i, stage).items():
+            spec, n = self.models[nodes[nid].model], nodes[nid].n
+            cost = cost + Cost(
+                flops=call_flops(spec, prompt, output, n),
+                prompt_tokens=float(prompt),
+                output_tokens=float(n * output),
+                usd=sample_usd(spec, prompt, output, n),
+            )
+        result = self._graph_cache[stage] = (local, rescue, cost)
+        return result
 
     def _allocation(self, combo: tuple[tuple[str, int], ...]) -> Plan:
         return Plan.allocation(dict(zip(self.stage_names, combo, strict=True)))
@@ -443,5 +698,34 @@ class SimulatedEnvironment(Environment):
     def __repr__(self) -> str:
         return (
             f"SimulatedEnvironment(stages={self.stages}, models={self._names}, seed={self.seed}, "
-            f"noise={self.noise}, repeats={self.repeats}, coupling={self.coupling})"
+            f"noise={self.noise}, repeats={self.repeats}, coupling={self.coupling}" + (", graphs=True)" if self.graphs else ")")
         )
+
+
+def _is_graph(stage: StageGraph) -> bool:
+    """Whether a stage needs the graph model (edges, helpers or fusion), not the allocation model."""
+    return (
+        bool(stage.edges)
+        or stage.decision is not DecisionRule.MAJORITY_VOTE
+        or any(n.role is not Role.SOLVER for n in stage.nodes)
+    )
+
+
+def _topological(stage: StageGraph) -> list[str]:
+    """Node ids in a topological order (ties by id, so the order is stable)."""
+    indegree = {node.id: 0 for node in stage.nodes}
+    children: dict[str, list[str]] = {node.id: [] for node in stage.nodes}
+    for src, dst in stage.edges:
+        indegree[dst] += 1
+        children[src].append(dst)
+    ready = sorted(nid for nid, d in indegree.items() if d == 0)
+    order = []
+    while ready:
+        nid = ready.pop(0)
+        order.append(nid)
+        for child in children[nid]:
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+        ready.sort()
+    return order

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import inspect
 import json
 import math
 import multiprocessing
@@ -48,7 +47,7 @@ from graphs.plan import Plan
 from planner.report import most_expensive_single_model_cost
 from planner.space import SearchSpace
 from planner.storage._memory import InMemoryStorage
-from planner.strategies import STRATEGIES, make_strategy
+from planner.strategies import STRATEGIES, make_strategy, strategy_params
 from planner.trial import FrozenTrial, TrialState
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
     "bench_environments",
     "find_optimum",
     "run_bench",
-    "strategy_params",
     "write_plot",
 ]
 
@@ -132,21 +130,6 @@ class BenchConfig:
             "score": "true score where the environment has one (simulated, noiseless), else the evaluated score",
             "within_points": {f"trials_to_{key}": round(gap * 100, 6) for key, gap in WITHIN},
         }
-
-
-def strategy_params(name: str, planner_model: str | None, api_base: str | None) -> dict[str, Any]:
-    """The planner settings a strategy's constructor names explicitly (``planner_model``, ``api_base``);
-    a strategy that does not name them gets none (``**kwargs`` does not count: optuna's would pass them on
-    to the sampler)."""
-    try:
-        parameters = inspect.signature(STRATEGIES[name]).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return {}
-    named = {
-        p.name for p in parameters.values() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-    offered = {"planner_model": planner_model, "api_base": api_base}
-    return {key: value for key, value in offered.items() if value is not None and key in named}
 
 
 def bench_environments(config: BenchConfig) -> list[Environment]:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from executors.environment import Environment
@@ -26,7 +27,7 @@ from graphs.plan import Plan
 from planner.report import best_single_model_baseline, most_expensive_single_model_cost
 from planner.space import SearchSpace
 from planner.storage import BaseStorage, get_storage
-from planner.strategies import STRATEGIES
+from planner.strategies import STRATEGIES, strategy_params
 from planner.trial import FrozenTrial, TrialState
 
 app = typer.Typer(help="Allot: find and run compute-optimal test-time plans for multi-stage LLM tasks.", no_args_is_help=True)
@@ -92,6 +93,11 @@ def study_run(
         float | None, typer.Option(help="Budget as a fraction of the most expensive single-model plan (any data).")
     ] = None,
     strategy: Annotated[str, typer.Option(help="Search strategy: " + ", ".join(STRATEGIES))] = "insight",
+    planner_model: Annotated[
+        str | None,
+        typer.Option(envvar="ALLOT_PLANNER_MODEL", help="litellm route of the agents' planner LLM (key from the environment)."),
+    ] = None,
+    api_base: Annotated[str | None, typer.Option(help="API base URL of the planner model (e.g. a vLLM server).")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Evaluated trials the study should have in total.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed of the strategy and of the sample orderings.")] = 0,
     name: Annotated[str | None, typer.Option(help="Study name; an existing study of this name is resumed.")] = None,
@@ -117,7 +123,9 @@ def study_run(
                 existing = None
         if existing is not None:
             study = existing
-            console.print(f"Resuming study [bold]{study.name}[/] ({len(study.evaluated_trials)} evaluated trials stored).")
+            console.print(
+                f"Resuming study [bold]{escape(study.name)}[/] ({len(study.evaluated_trials)} evaluated trials stored)."
+            )
         else:
             environment = _environment(data, benchmark, simulated, orderings, seed, catalog)
             pool = [m.strip() for m in models.split(",") if m.strip()] if models else None
@@ -137,6 +145,7 @@ def study_run(
                 environment=environment,
                 budget=the_budget,
                 strategy=_check_strategy(strategy),
+                strategy_params=strategy_params(strategy, planner_model, api_base),
                 seed=seed,
                 name=name,
                 space=space,
@@ -211,14 +220,14 @@ def _print_results(study: object, top: int) -> None:
         table.add_column(col, justify="right" if col != "plan" else "left")
     for t in ranked[:top]:
         table.add_row(
-            str(t.number), f"{t.score:.3f}", f"{t.spread or 0:.3f}", _fmt(budget.spent(t.estimated_cost)), t.plan.summary()
+            str(t.number), f"{t.score:.3f}", f"{t.spread or 0:.3f}", _fmt(budget.spent(t.estimated_cost)), Text(t.plan.summary())
         )
     console.print(table)
     front = Table(title="Pareto front (score vs cost)")
     for col in ("trial", "score", f"cost ({budget.unit.value})", "plan"):
         front.add_column(col, justify="right" if col != "plan" else "left")
     for t in study.pareto_trials():
-        front.add_row(str(t.number), f"{t.score:.3f}", _fmt(budget.spent(t.estimated_cost)), t.plan.summary())
+        front.add_row(str(t.number), f"{t.score:.3f}", _fmt(budget.spent(t.estimated_cost)), Text(t.plan.summary()))
     console.print(front)
     best = study.best_trial
     spent = budget.spent(best.estimated_cost)
@@ -226,11 +235,11 @@ def _print_results(study: object, top: int) -> None:
     versus = Table(title="Best plan found vs the best single-model plan of equal or lower cost")
     for col in ("", "score", f"cost ({budget.unit.value})", "plan"):
         versus.add_column(col, justify="right" if col not in ("", "plan") else "left")
-    versus.add_row("Allot", f"{best.score:.3f}", _fmt(spent), best.plan.summary())
+    versus.add_row("Allot", f"{best.score:.3f}", _fmt(spent), Text(best.plan.summary()))
     if baseline is None:
         versus.add_row("single model", "-", "-", "no single-model plan is this cheap")
     else:
-        versus.add_row("single model", f"{baseline.evaluation.score:.3f}", _fmt(baseline.spent), baseline.plan.summary())
+        versus.add_row("single model", f"{baseline.evaluation.score:.3f}", _fmt(baseline.spent), Text(baseline.plan.summary()))
     console.print(versus)
     if baseline is not None:
         gain = (best.score or 0) - baseline.evaluation.score
@@ -298,8 +307,8 @@ def study_show(
                 _fmt(t.score, 3),
                 _fmt(study.budget.spent(t.estimated_cost)),
                 _fmt(t.planner_cost.tokens) if t.planner_cost.tokens else "0",
-                t.plan.summary(),
-                (t.rationale or "")[:80] + (f" ({t.error})" if t.error else ""),
+                Text(t.plan.summary()),
+                Text((t.rationale or "")[:80] + (f" ({t.error})" if t.error else "")),
             )
         console.print(table)
         _print_results(study, 5)

@@ -9,6 +9,7 @@ and those are evaluated again when the study resumes.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,14 +25,19 @@ from planner.strategies import Proposal, Strategy, StudyContext, make_strategy
 from planner.trial import FrozenTrial, StudyRecord, TrialState
 from planner.trial_runner import InProcessRunner, TrialRunner
 
-__all__ = ["Study", "StudyExists", "cheapest_plan", "create_study", "load_study"]
+__all__ = ["InvalidStudyName", "Study", "StudyExists", "cheapest_plan", "create_study", "load_study"]
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_REJECTIONS = 200
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,99}$")
 
 
 class StudyExists(AllotError):
     """A study of that name is already stored."""
+
+
+class InvalidStudyName(AllotError, ValueError):
+    """Study names are identifiers shown in terminals, URLs and file names."""
 
 
 class Study:
@@ -158,6 +164,7 @@ class Study:
         except AllotError as exc:
             reason = f"not runnable: {exc}"
         rationale = proposal.rationale if reason is None else f"{proposal.rationale} [rejected, {reason}]"
+        self._store_graph_version(proposal)
         return self.storage.create_trial(
             self.study_id,
             plan=plan,
@@ -167,6 +174,18 @@ class Study:
             planner_cost=proposal.planner_cost,
             state=TrialState.REJECTED if reason else TrialState.WAITING,
         )
+
+    def _store_graph_version(self, proposal: Proposal) -> None:
+        """A graph strategy's update travels with its next proposal; it becomes the next stored version
+        of the study's learned graph (named after the study), with what caused it."""
+        update = proposal.info.get("graph_version")
+        if not isinstance(update, dict) or "definition" not in update:
+            return
+        try:
+            parent = self.storage.latest_graph_version(self.name).version_id
+        except KeyError:
+            parent = None
+        self.storage.add_graph_version(self.name, update["definition"], str(update.get("cause", "")), parent_id=parent)
 
     def _run(
         self, runner: TrialRunner, trials: list[FrozenTrial], callbacks: Sequence[Callable[[Study, FrozenTrial], None]]
@@ -232,6 +251,8 @@ def create_study(
     if isinstance(strategy, str):
         strategy = make_strategy(strategy, seed, strategy_params)
     name = name or _fresh_name(storage, environment)
+    if not _STUDY_NAME.match(name):
+        raise InvalidStudyName(f"invalid study name {name!r}: use letters, digits and _ . : @ + - (at most 100 characters)")
     try:
         record = storage.create_study(
             name=name,

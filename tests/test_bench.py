@@ -26,13 +26,12 @@ from planner.bench import (
     _Memo,
     find_optimum,
     run_bench,
-    strategy_params,
     write_plot,
 )
 from planner.cli import app
 from planner.report import most_expensive_single_model_cost
 from planner.space import SearchSpace
-from planner.strategies import STRATEGIES, Proposal, StudyContext
+from planner.strategies import STRATEGIES, Proposal, StudyContext, strategy_params
 from planner.strategies._random import RandomStrategy
 
 BENCHMARKS = ("alpha", "beta")

@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from graphs.cost import Budget, BudgetUnit, Cost
 from graphs.plan import Plan
+from planner.graph_record import GraphVersion
 from planner.storage import (
     BaseStorage,
     DuplicateStudy,
@@ -376,6 +377,77 @@ class StorageTestCase:
         assert len(winners) == 1
         assert storage.get_trial(trial.trial_id) == winners[0]
 
+    # graph versions
+
+    def test_graph_versions_round_trip(self, storage: BaseStorage) -> None:
+        definition = {"stages": [{"stage": "answer", "edges": [["a", "b", 0.5]]}], "iteration": 1}
+        first = storage.add_graph_version("study-a", definition, cause="initial")
+        assert isinstance(first, GraphVersion)
+        assert (first.graph, first.version, first.cause, first.parent_id, first.pinned) == ("study-a", 1, "initial", None, False)
+        assert first.definition == definition
+        assert first.created_at.tzinfo is not None and first.created_at.utcoffset() == UTC.utcoffset(None)
+        second = storage.add_graph_version("study-a", {"iteration": 2}, cause="update 2", parent_id=first.version_id)
+        other = storage.add_graph_version("study-b", {"iteration": 1})
+        assert (second.version, second.parent_id) == (2, first.version_id)
+        assert other.version == 1 and other.cause == ""
+        assert storage.get_graph_versions("study-a") == [first, second]
+        assert storage.get_graph_version(second.version_id) == second
+        assert storage.latest_graph_version("study-a") == second
+        assert storage.list_graphs() == ["study-a", "study-b"]
+        # a parent may belong to another graph (a fork)
+        fork = storage.add_graph_version("study-c", {"x": 1}, parent_id=other.version_id)
+        assert fork.version == 1 and fork.parent_id == other.version_id
+
+    def test_graph_versions_unknown_and_invalid(self, storage: BaseStorage) -> None:
+        assert storage.list_graphs() == []
+        with pytest.raises(KeyError):
+            storage.get_graph_versions("nothing")
+        with pytest.raises(KeyError):
+            storage.latest_graph_version("nothing")
+        with pytest.raises(KeyError):
+            storage.get_graph_version(12345)
+        with pytest.raises(KeyError):
+            storage.set_graph_pinned(12345, True)
+        with pytest.raises(KeyError):
+            storage.add_graph_version("g", {}, parent_id=12345)
+        with pytest.raises(ValueError):
+            storage.add_graph_version("g", {"p": float("nan")})
+        with pytest.raises(ValueError):
+            storage.add_graph_version("", {})
+        assert storage.list_graphs() == []  # failed writes stored nothing
+        assert storage.add_graph_version("g", {}).version == 1
+
+    def test_pinning(self, storage: BaseStorage) -> None:
+        one = storage.add_graph_version("g", {"v": 1})
+        two = storage.add_graph_version("g", {"v": 2}, parent_id=one.version_id)
+        pinned = storage.set_graph_pinned(one.version_id, True)
+        assert pinned.pinned and pinned.definition == one.definition and pinned.version == 1
+        assert one.pinned is False  # the record returned earlier did not change
+        assert [v.pinned for v in storage.get_graph_versions("g")] == [True, False]
+        assert storage.set_graph_pinned(two.version_id, True).pinned
+        assert [v.pinned for v in storage.get_graph_versions("g")] == [True, True]  # pins are independent
+        assert not storage.set_graph_pinned(one.version_id, False).pinned
+        assert [v.pinned for v in storage.get_graph_versions("g")] == [False, True]
+
+    def test_graph_version_records_are_frozen_copies(self, storage: BaseStorage) -> None:
+        definition = {"edges": [1, 2]}
+        version = storage.add_graph_version("g", definition, cause="c")
+        definition["edges"].append(3)  # the input was copied
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            version.cause = "other"  # type: ignore[misc]
+        version.definition["edges"].append(4)  # the output is a copy too
+        assert storage.get_graph_version(version.version_id).definition == {"edges": [1, 2]}
+
+    def test_concurrent_graph_versions_are_numbered_without_gaps(self, storage: BaseStorage) -> None:
+        count = 32
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            versions = list(pool.map(lambda n: storage.add_graph_version(f"g{n % 2}", {"n": n}), range(count)))
+        for name in ("g0", "g1"):
+            numbers = sorted(v.version for v in versions if v.graph == name)
+            assert numbers == list(range(1, count // 2 + 1))
+            assert [v.version for v in storage.get_graph_versions(name)] == numbers
+        assert len({v.version_id for v in versions}) == count
+
 
 class TestInMemoryAndSQL(StorageTestCase):
     """The contract on every mode in ``STORAGE_MODES``."""
@@ -426,6 +498,22 @@ def test_independent_storages_finish_once(shared_url: str) -> None:
 
         with ThreadPoolExecutor(max_workers=len(storages)) as pool:
             assert sum(pool.map(finish, range(len(storages)))) == 1
+    finally:
+        for storage in storages:
+            storage.close()
+
+
+def test_independent_storages_number_graph_versions_uniquely(shared_url: str) -> None:
+    storages = [SQLStorage(shared_url) for _ in range(5)]
+    try:
+
+        def work(index: int) -> list[int]:
+            return [storages[index].add_graph_version("shared", {"writer": index, "k": k}).version for k in range(8)]
+
+        with ThreadPoolExecutor(max_workers=len(storages)) as pool:
+            numbers = [n for chunk in pool.map(work, range(len(storages))) for n in chunk]
+        assert sorted(numbers) == list(range(1, 41))
+        assert [v.version for v in storages[0].get_graph_versions("shared")] == list(range(1, 41))
     finally:
         for storage in storages:
             storage.close()

@@ -7,6 +7,7 @@ another; ``InMemoryStorage()`` keeps nothing past the process.
 
 from __future__ import annotations
 
+from planner.graph_record import GraphVersion
 from planner.storage._base import BaseStorage, DuplicateStudy
 from planner.storage._memory import InMemoryStorage
 from planner.storage._sql import SQLStorage
@@ -15,6 +16,7 @@ from planner.storage.database import default_database_url, ensure_schema, upgrad
 __all__ = [
     "BaseStorage",
     "DuplicateStudy",
+    "GraphVersion",
     "InMemoryStorage",
     "SQLStorage",
     "default_database_url",

@@ -9,6 +9,8 @@ default, PostgreSQL by URL; schema owned by Alembic). Guarantees every implement
   ``RuntimeError`` and stores nothing.
 - Trial numbers within a study are 0, 1, 2, ... in creation order, with no gaps.
 - Unknown ids or names raise ``KeyError``; a duplicate study name raises ``DuplicateStudy``.
+- Graph versions within a graph are 1, 2, 3, ... in creation order, with no gaps, also when several
+  processes add versions of one graph at once. A version's definition never changes; only ``pinned`` does.
 - Nothing stored is lost by a failed write: each call is one transaction.
 """
 
@@ -20,9 +22,10 @@ from typing import Any
 
 from graphs.cost import Budget, Cost
 from graphs.plan import Plan
+from planner.graph_record import GraphVersion
 from planner.trial import FrozenTrial, StudyRecord, TrialState
 
-__all__ = ["BaseStorage", "DuplicateStudy"]
+__all__ = ["BaseStorage", "DuplicateStudy", "GraphVersion"]
 
 
 class DuplicateStudy(KeyError):
@@ -30,7 +33,7 @@ class DuplicateStudy(KeyError):
 
 
 class BaseStorage(abc.ABC):
-    """Persistence of studies and trials. See the module docstring for the contract."""
+    """Persistence of studies, trials and graph versions. See the module docstring for the contract."""
 
     @abc.abstractmethod
     def create_study(
@@ -103,6 +106,49 @@ class BaseStorage(abc.ABC):
     @abc.abstractmethod
     def get_plan(self, plan_id: str) -> Plan:
         """A stored plan by id (or unique id prefix of at least 6 characters). ``KeyError`` otherwise."""
+
+    # graph versions
+
+    @abc.abstractmethod
+    def add_graph_version(
+        self, graph: str, definition: dict[str, Any], cause: str = "", parent_id: int | None = None
+    ) -> GraphVersion:
+        """Store the next version of ``graph`` (1 for a new graph).
+
+        Args:
+            graph: the graph's name (non-empty).
+            definition: JSON (no NaN or infinity); stored as a copy.
+            cause: why this version exists (which update, review or feedback made it).
+            parent_id: the version this one was derived from, of any graph.
+
+        Returns:
+            The stored record, unpinned.
+
+        Raises:
+            ValueError: ``graph`` is empty or ``definition`` is not strict JSON.
+            KeyError: ``parent_id`` names no stored version.
+        """
+
+    @abc.abstractmethod
+    def get_graph_versions(self, graph: str) -> list[GraphVersion]:
+        """A graph's versions, oldest (version 1) first. Raises ``KeyError`` for a graph with none."""
+
+    @abc.abstractmethod
+    def get_graph_version(self, version_id: int) -> GraphVersion:
+        """Raises ``KeyError`` for an unknown id."""
+
+    @abc.abstractmethod
+    def list_graphs(self) -> list[str]:
+        """Names of every graph with at least one version, sorted."""
+
+    @abc.abstractmethod
+    def set_graph_pinned(self, version_id: int, pinned: bool) -> GraphVersion:
+        """Pin or unpin one version (other versions are left as they are); returns the updated record.
+        Raises ``KeyError`` for an unknown id."""
+
+    def latest_graph_version(self, graph: str) -> GraphVersion:
+        """The newest version of ``graph``. Raises ``KeyError`` for a graph with none."""
+        return self.get_graph_versions(graph)[-1]
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from graphs.cost import Budget, Cost
 from graphs.plan import Plan
+from planner.graph_record import GraphVersion
 from planner.storage._base import BaseStorage, DuplicateStudy
 from planner.storage.tables import finite_scores, strict_json, utcnow
 from planner.trial import FrozenTrial, StudyRecord, TrialState
@@ -36,13 +37,18 @@ def _study_out(study: StudyRecord) -> StudyRecord:
     )
 
 
+def _version_out(version: GraphVersion) -> GraphVersion:
+    """A copy whose ``definition`` the caller may mutate."""
+    return replace(version, definition=copy.deepcopy(version.definition))
+
+
 def _trial_out(trial: FrozenTrial) -> FrozenTrial:
     """A copy whose ``strategy_info`` the caller may mutate; plans and costs are immutable values."""
     return replace(trial, strategy_info=copy.deepcopy(trial.strategy_info))
 
 
 class InMemoryStorage(BaseStorage):
-    """Studies, trials and plans in process memory. Thread-safe (one lock); not shared across processes."""
+    """Studies, trials, plans and graph versions in process memory. Thread-safe (one lock); not shared across processes."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -50,6 +56,8 @@ class InMemoryStorage(BaseStorage):
         self._trials: dict[int, FrozenTrial] = {}
         self._study_trials: dict[int, list[int]] = {}
         self._plans: dict[str, Plan] = {}
+        self._versions: dict[int, GraphVersion] = {}
+        self._graph_versions: dict[str, list[int]] = {}
 
     def __repr__(self) -> str:
         return "InMemoryStorage()"
@@ -219,3 +227,56 @@ class InMemoryStorage(BaseStorage):
         if len(matches) > 1:
             raise KeyError(f"plan id prefix {plan_id!r} matches several plans: give more characters")
         return self._plans[matches[0]]
+
+    # graph versions
+
+    def add_graph_version(
+        self, graph: str, definition: dict[str, Any], cause: str = "", parent_id: int | None = None
+    ) -> GraphVersion:
+        if not isinstance(graph, str) or not graph.strip():
+            raise ValueError("a graph version needs a non-empty graph name")
+        stored = strict_json(definition, "definition")
+        with self._lock:
+            if parent_id is not None:
+                self._version(parent_id)
+            numbers = self._graph_versions.setdefault(graph, [])
+            version = GraphVersion(
+                version_id=len(self._versions) + 1,
+                graph=graph,
+                version=len(numbers) + 1,
+                definition=stored,
+                cause=str(cause),
+                parent_id=parent_id,
+                pinned=False,
+                created_at=utcnow(),
+            )
+            self._versions[version.version_id] = version
+            numbers.append(version.version_id)
+            return _version_out(version)
+
+    def get_graph_versions(self, graph: str) -> list[GraphVersion]:
+        with self._lock:
+            ids = self._graph_versions.get(graph)
+            if not ids:
+                raise KeyError(f"no graph named {graph!r}")
+            return [_version_out(self._versions[version_id]) for version_id in ids]
+
+    def get_graph_version(self, version_id: int) -> GraphVersion:
+        with self._lock:
+            return _version_out(self._version(version_id))
+
+    def list_graphs(self) -> list[str]:
+        with self._lock:
+            return sorted(name for name, ids in self._graph_versions.items() if ids)
+
+    def set_graph_pinned(self, version_id: int, pinned: bool) -> GraphVersion:
+        with self._lock:
+            version = replace(self._version(version_id), pinned=bool(pinned))
+            self._versions[version_id] = version
+            return _version_out(version)
+
+    def _version(self, version_id: int) -> GraphVersion:
+        try:
+            return self._versions[version_id]
+        except KeyError:
+            raise KeyError(f"no graph version with id {version_id}") from None

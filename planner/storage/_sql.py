@@ -8,19 +8,23 @@ frozen records. Concurrency is handled by the database, not by hope:
   a retry should two writers still collide;
 - finishing: a conditional ``UPDATE ... WHERE state IN ('waiting', 'running')``, so of two processes
   finishing one trial exactly one succeeds and the other gets ``RuntimeError``;
-- plans: ``INSERT ... ON CONFLICT DO NOTHING`` by plan id, so a plan is stored once whoever stores it.
+- plans: ``INSERT ... ON CONFLICT DO NOTHING`` by plan id, so a plan is stored once whoever stores it;
+- graph versions: like trial numbers, but there is no graph row to lock, so the graph's name is locked
+  (a transaction-scoped advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) before
+  ``max(version) + 1`` is read, and the unique ``(graph, version)`` constraint backs it up with a retry.
 """
 
 from __future__ import annotations
 
 import string
 import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, func, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -30,6 +34,7 @@ from sqlmodel import Session, col, select
 from graphs.cost import Budget, BudgetUnit, Cost
 from graphs.errors import StorageError
 from graphs.plan import Plan
+from planner.graph_record import GraphVersion
 from planner.storage._base import BaseStorage, DuplicateStudy
 from planner.storage.database import (
     default_database_url,
@@ -39,7 +44,15 @@ from planner.storage.database import (
     session_scope,
     storage_error,
 )
-from planner.storage.tables import PlanRow, StudyRow, TrialRow, finite_scores, strict_json, utcnow
+from planner.storage.tables import (
+    GraphVersionRow,
+    PlanRow,
+    StudyRow,
+    TrialRow,
+    finite_scores,
+    strict_json,
+    utcnow,
+)
 from planner.trial import FrozenTrial, StudyRecord, TrialState
 
 __all__ = ["SQLStorage"]
@@ -77,6 +90,25 @@ def _study_record(row: StudyRow) -> StudyRecord:
     )
 
 
+def _graph_version(row: GraphVersionRow) -> GraphVersion:
+    assert row.id is not None
+    return GraphVersion(
+        version_id=row.id,
+        graph=row.graph,
+        version=row.version,
+        definition=strict_json(row.definition, "definition"),
+        cause=row.cause,
+        parent_id=row.parent_id,
+        pinned=bool(row.pinned),
+        created_at=row.created_at,
+    )
+
+
+def _graph_lock_key(graph: str) -> int:
+    """A stable signed 64-bit key for PostgreSQL's advisory lock on one graph name."""
+    return zlib.crc32(b"allot-graph:" + graph.encode()) - 2**31
+
+
 def _frozen_trial(row: TrialRow, plan_text: str) -> FrozenTrial:
     assert row.id is not None
     estimated = _cost(row.est_flops, row.est_prompt_tokens, row.est_output_tokens, row.est_usd)
@@ -102,7 +134,7 @@ def _frozen_trial(row: TrialRow, plan_text: str) -> FrozenTrial:
 
 
 class SQLStorage(BaseStorage):
-    """Studies, trials and plans in a SQL database shared by every process that opens the same URL.
+    """Studies, trials, plans and graph versions in a SQL database shared by every process that opens the same URL.
 
     Args:
         url: SQLAlchemy URL; ``None`` means ``default_database_url()`` (``ALLOT_DATABASE_URL`` or
@@ -368,6 +400,74 @@ class SQLStorage(BaseStorage):
         if len(matches) > 1:
             raise KeyError(f"plan id prefix {plan_id!r} matches several plans: give more characters")
         return _plan_from_json(matches[0][1])
+
+    # graph versions
+
+    def add_graph_version(
+        self, graph: str, definition: dict[str, Any], cause: str = "", parent_id: int | None = None
+    ) -> GraphVersion:
+        if not isinstance(graph, str) or not graph.strip():
+            raise ValueError("a graph version needs a non-empty graph name")
+        stored = strict_json(definition, "definition")
+        for attempt in range(_NUMBER_RETRIES):
+            try:
+                with self._transaction(write=True) as session:
+                    if session.get_bind().dialect.name == "postgresql":
+                        session.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_graph_lock_key(graph)))
+                    if parent_id is not None and session.get(GraphVersionRow, parent_id) is None:
+                        raise KeyError(f"no graph version with id {parent_id}")
+                    last = session.exec(select(func.max(GraphVersionRow.version)).where(GraphVersionRow.graph == graph)).one()
+                    row = GraphVersionRow(
+                        graph=graph,
+                        version=1 if last is None else last + 1,
+                        parent_id=parent_id,
+                        definition=stored,
+                        cause=str(cause),
+                        pinned=False,
+                        created_at=utcnow(),
+                    )
+                    session.add(row)
+                    session.flush()
+                    session.refresh(row)
+                    return _graph_version(row)
+            except IntegrityError as exc:  # two writers took the same version: the loser tries again
+                if attempt == _NUMBER_RETRIES - 1:
+                    raise StorageError(f"could not number a new version of graph {graph!r}: {exc.orig}") from exc
+        raise AssertionError("unreachable")
+
+    def get_graph_versions(self, graph: str) -> list[GraphVersion]:
+        query = select(GraphVersionRow).where(GraphVersionRow.graph == graph).order_by(col(GraphVersionRow.version))
+        with self._transaction() as session:
+            versions = [_graph_version(row) for row in session.exec(query)]
+        if not versions:
+            raise KeyError(f"no graph named {graph!r}")
+        return versions
+
+    def get_graph_version(self, version_id: int) -> GraphVersion:
+        with self._transaction() as session:
+            row = session.get(GraphVersionRow, version_id)
+            if row is None:
+                raise KeyError(f"no graph version with id {version_id}")
+            return _graph_version(row)
+
+    def list_graphs(self) -> list[str]:
+        with self._transaction() as session:
+            return list(session.exec(select(GraphVersionRow.graph).distinct().order_by(col(GraphVersionRow.graph))))
+
+    def set_graph_pinned(self, version_id: int, pinned: bool) -> GraphVersion:
+        with self._transaction(write=True) as session:
+            changed = session.exec(
+                update(GraphVersionRow)
+                .where(col(GraphVersionRow.id) == version_id)
+                .values(pinned=bool(pinned))
+                .execution_options(synchronize_session=False)
+            )
+            if changed.rowcount == 0:
+                raise KeyError(f"no graph version with id {version_id}")
+            row = session.get(GraphVersionRow, version_id)
+            assert row is not None
+            session.refresh(row)
+            return _graph_version(row)
 
 
 def _insert_plan(session: Session, plan: Plan, plan_text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from planner.strategies._base import Proposal, Strategy, StudyContext
@@ -20,7 +21,9 @@ __all__ = [
     "StudyContext",
     "TPEStrategy",
     "make_strategy",
+    "strategy_params",
 ]
+
 
 class _Registry(dict[str, type[Strategy]]):
     """Strategies by name. The planner agents (planner.agents, which import langgraph and this package)
@@ -31,9 +34,11 @@ class _Registry(dict[str, type[Strategy]]):
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
+            from planner.agents.agent_reinforce import AgentReinforceStrategy
             from planner.agents.agenttts import AgentTTSStrategy
+            from planner.strategies._reinforce import ReinforceStrategy
 
-            for cls in (AgentTTSStrategy,):
+            for cls in (AgentTTSStrategy, AgentReinforceStrategy, ReinforceStrategy):
                 self.setdefault(cls.name, cls)
 
     def __getitem__(self, name: str) -> type[Strategy]:
@@ -81,3 +86,14 @@ def make_strategy(name: str, seed: int, params: dict[str, Any] | None = None) ->
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}") from None
     return cls(seed=seed, **(params or {}))
+
+
+def strategy_params(name: str, planner_model: str | None, api_base: str | None) -> dict[str, Any]:
+    """The planner settings a strategy's constructor names explicitly (``planner_model``, ``api_base``);
+    a strategy that does not name them gets none (``**kwargs`` does not count: optuna's would pass them on
+    to the sampler)."""
+    parameters = inspect.signature(STRATEGIES[name]).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in parameters.values() if p.kind in kinds}
+    offered = {"planner_model": planner_model, "api_base": api_base}
+    return {key: value for key, value in offered.items() if value is not None and key in named}
