@@ -267,9 +267,8 @@ def _probe_costs(context: StudyContext) -> dict[tuple[str, str], float]:
     """(stage, model) -> cost of its probe plan in budget units (others at the anchor, so comparable)."""
     costs: dict[tuple[str, str], float] = {}
     for trial in context.trials:
-        info = trial.strategy_info
-        if info.get("phase") == "probe":
-            costs[(str(info.get("stage")), str(info.get("model")))] = context.budget.spent(trial.estimated_cost)
+        for key in _probed(trial):
+            costs[key] = context.budget.spent(trial.estimated_cost)
     return costs
 
 
@@ -301,13 +300,21 @@ def _observed_gains(trials: Sequence[FrozenTrial], space: SearchSpace) -> dict[s
     return {kind: sum(values) / len(values) for kind, values in deltas.items()}
 
 
+def _probed(trial: FrozenTrial) -> list[tuple[str, str]]:
+    """The (stage, model) pairs a trial probed: this heuristic's probes, or an agent's (``info["probe"]``)."""
+    info = trial.strategy_info
+    if info.get("phase") == "probe":
+        return [(str(info.get("stage")), str(info.get("model")))]
+    return [(str(stage), str(model)) for stage, model in info.get("probe") or ()]
+
+
 def _probe_scores(context: StudyContext, space: SearchSpace) -> dict[tuple[str, str], float]:
     """(stage, model) -> score of the probe of that model on that stage, all else held at the anchor."""
     scores: dict[tuple[str, str], float] = {}
     for trial in context.trials:
-        info = trial.strategy_info
-        if trial.state is TrialState.COMPLETE and trial.score is not None and info.get("phase") == "probe":
-            scores[(str(info.get("stage")), str(info.get("model")))] = trial.score
+        if trial.state is TrialState.COMPLETE and trial.score is not None:
+            for key in _probed(trial):
+                scores[key] = trial.score
     return scores
 
 
