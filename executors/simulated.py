@@ -536,6 +536,30 @@ class SimulatedEnvironment(Environment):
                 total = total + self._node_cost(i, node.model, node.n)
         return total
 
+    def search_cost(self, plans: Sequence[Plan]) -> tuple[Cost, Cost]:
+        """With reuse, a stage's samples are generated once per distinct upstream: a solver node of
+        ``model`` at stage i is keyed by the plan's stages before i (what its prompt is built from) and
+        its model, and costs the largest ``n`` any plan asked of it. Graph stages (reviewers, fusion)
+        are charged in full: their prompts hold other nodes' outputs."""
+        without = Cost()
+        largest: dict[tuple[str, int, str], int] = {}
+        graphs = Cost()
+        for plan in plans:
+            without = without + self.estimate_cost(plan)
+            for position, stage in enumerate(plan.stages):
+                i = self._stage_index[stage.stage]
+                if _is_graph(stage):
+                    graphs = graphs + self._graph_stage(i, stage)[2]
+                    continue
+                upstream = Plan(stages=plan.stages[:position]).plan_id if position else ""
+                for node in stage.nodes:
+                    key = (upstream, i, node.model)
+                    largest[key] = max(largest.get(key, 0), node.n)
+        with_reuse = graphs
+        for (_, i, model), n in largest.items():
+            with_reuse = with_reuse + self._node_cost(i, model, n)
+        return with_reuse, without
+
     # -- collaboration graphs -----------------------------------------------------------------------
 
     def _graph_chain_score(self, plan: Plan) -> float:
