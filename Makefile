@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 # The whole test suite (ruff, then pytest: SQLite, PostgreSQL, Redis, RabbitMQ, real worker processes).
 test: $(STAMP)
+	@# the review page's browser tests drive Debian's chromium (installed once; we run as root)
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

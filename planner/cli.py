@@ -24,6 +24,7 @@ from executors.environment import Environment
 from graphs.cost import Budget, BudgetUnit
 from graphs.errors import AllotError, BudgetError
 from graphs.plan import Plan
+from planner.cli_review import graph_app, serve
 from planner.report import best_single_model_baseline, most_expensive_single_model_cost
 from planner.space import SearchSpace
 from planner.storage import BaseStorage, get_storage
@@ -37,6 +38,8 @@ db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 app.add_typer(plan_app, name="plan")
 app.add_typer(db_app, name="db")
+app.add_typer(graph_app, name="graph")  # review commands: planner/cli_review.py
+app.command("serve")(serve)
 
 console = Console()
 err_console = Console(stderr=True)

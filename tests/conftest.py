@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,64 @@ def postgres_url(postgres_database_factory: Callable[[], str]) -> str:
 def fresh_postgres_url(postgres_database_factory: Callable[[], str]) -> str:
     """An empty PostgreSQL database for this test only (e.g. to migrate from nothing)."""
     return postgres_database_factory()
+
+
+# --- Review page: a real database holding a real replay study and a learned graph --------------------------------
+# ``review_studies(url)`` stores, in the database at ``url``, a replay study (``aime``: the bundled AIME 2024 data,
+# the insight strategy) and an Agent-REINFORCE study on a simulated 2-stage graph task (``graphs``, with a scripted
+# planner LLM, so planner cost is recorded) whose graph versions (named ``graphs``) are what the page reviews.
+# ``review_sqlite_template`` is such a SQLite file, built once per session: copy it before writing to it.
+
+REVIEW_PLANNER = "review-planner"
+
+
+def _review_planner(messages: list[dict[str, str]]) -> str:
+    """A planner LLM that follows the best sampled graph (as in tests/test_reinforce.py)."""
+    import json
+    import re
+
+    prompt = next(m["content"] for m in messages if m["role"] == "user")
+    if "TASK: select" in prompt:
+        return json.dumps({"picks": [0, 2, 4], "reason": "the most budget-using combinations"})
+    current, samples = (json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", prompt, re.S)[:2])
+    used = {(s["stage"], n["id"]) for s in samples[0]["stages"] for n in s["nodes"]}
+    for stage in current["stages"]:
+        for slot in stage["slots"]:
+            slot["include_probability"] = 0.9 if (stage["stage"], slot["id"]) in used else 0.2
+        for edge in stage["edges"]:
+            edge["probability"] = 0.9
+    reply = json.dumps({"stages": current["stages"], "reason": "follow the best"})
+    return f"Following the best graph:\n```json\n{reply}\n```"
+
+
+@pytest.fixture(scope="session")
+def review_studies() -> Callable[..., None]:
+    def build(url: str, *, replay_trials: int = 12, graph_trials: int = 15) -> None:
+        from executors.replay import ReplayEnvironment
+        from executors.simulated import SimulatedEnvironment
+        from graphs.cost import Budget
+        from planner.agents.agent_reinforce import AgentReinforceStrategy
+        from planner.llm import scripted_model
+        from planner.storage import get_storage
+        from planner.study import create_study
+
+        storage = get_storage(url)
+        try:
+            replay = ReplayEnvironment(benchmark="aime24", orderings=2, seed=0)
+            study = create_study(storage=storage, environment=replay, budget=Budget(limit=500), strategy="insight", name="aime")
+            study.optimize(replay_trials)
+            sim = SimulatedEnvironment(stages=2, graphs=True, seed=0)
+            agent = AgentReinforceStrategy(seed=0, planner_model=scripted_model(REVIEW_PLANNER, _review_planner), iterations=3)
+            study = create_study(storage=storage, environment=sim, budget=Budget(limit=150), strategy=agent, name="graphs")
+            study.optimize(graph_trials, batch_size=3)
+        finally:
+            storage.close()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def review_sqlite_template(tmp_path_factory: pytest.TempPathFactory, review_studies: Callable[..., None]) -> Path:
+    path = tmp_path_factory.mktemp("review") / "template.db"
+    review_studies(f"sqlite:///{path}")
+    return path
