@@ -41,6 +41,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(graph_app, name="graph")  # review commands: planner/cli_review.py
 app.command("serve")(serve)
 
+DEFAULT_STRATEGY = "insight"  # needs no planner LLM
 console = Console()
 err_console = Console(stderr=True)
 
@@ -95,7 +96,9 @@ def study_run(
     budget_fraction: Annotated[
         float | None, typer.Option(help="Budget as a fraction of the most expensive single-model plan (any data).")
     ] = None,
-    strategy: Annotated[str, typer.Option(help="Search strategy: " + ", ".join(STRATEGIES))] = "insight",
+    strategy: Annotated[
+        str | None, typer.Option(help="Search strategy: " + ", ".join(STRATEGIES) + " (default: insight)")
+    ] = None,
     planner_model: Annotated[
         str | None,
         typer.Option(envvar="ALLOT_PLANNER_MODEL", help="litellm route of the agents' planner LLM (key from the environment)."),
@@ -129,6 +132,15 @@ def study_run(
             console.print(
                 f"Resuming study [bold]{escape(study.name)}[/] ({len(study.evaluated_trials)} evaluated trials stored)."
             )
+            ignored = [flag for flag, given in (("--budget", budget), ("--budget-fraction", budget_fraction)) if given]
+            if strategy is not None and strategy != study.record.strategy:
+                ignored.append("--strategy")
+            if ignored:
+                err_console.print(
+                    f"[yellow]note:[/] a stored study keeps its configuration ({study.record.strategy}, budget "
+                    f"{study.budget}); {', '.join(ignored)} ignored. Use another --name for a new study.",
+                    highlight=False,
+                )
         else:
             environment = _environment(data, benchmark, simulated, orderings, seed, catalog)
             pool = [m.strip() for m in models.split(",") if m.strip()] if models else None
@@ -147,8 +159,8 @@ def study_run(
                 storage=storage,
                 environment=environment,
                 budget=the_budget,
-                strategy=_check_strategy(strategy),
-                strategy_params=strategy_params(strategy, planner_model, api_base),
+                strategy=_check_strategy(strategy or DEFAULT_STRATEGY),
+                strategy_params=strategy_params(strategy or DEFAULT_STRATEGY, planner_model, api_base),
                 seed=seed,
                 name=name,
                 space=space,
