@@ -1,4 +1,4 @@
-"""Environments that score plans (replay, simulated; live in a later module) and what they share."""
+"""Environments that score plans (replay, simulated, live) and what they share."""
 
 from __future__ import annotations
 
@@ -21,4 +21,8 @@ def environment_from_spec(spec: dict[str, Any]) -> Environment:
         from executors.simulated import SimulatedEnvironment
 
         return SimulatedEnvironment.from_spec(spec)
-    raise DataError(f"unknown environment kind {kind!r}: expected replay or simulated")
+    if kind == "live":
+        from executors.live import LiveEnvironment
+
+        return LiveEnvironment.from_spec(spec)
+    raise DataError(f"unknown environment kind {kind!r}: expected replay, simulated or live")

@@ -36,7 +36,15 @@ __all__ = [
 
 
 class BackendError(AllotError, RuntimeError):
-    """A model call failed; the message names the model and what to do."""
+    """A model call failed; the message names the model and what to do.
+
+    ``partial`` holds the generations a call did get before it failed (a request split into several
+    calls, some of which returned), so a caller such as the sample store can keep them.
+    """
+
+    def __init__(self, *args: object, partial: CompletionResult | None = None) -> None:
+        super().__init__(*args)
+        self.partial = partial
 
 
 class BackendTimeout(BackendError):
@@ -74,6 +82,9 @@ class CompletionRequest:
     max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    offset: int = 0
+    """Index of the first sample asked for: the request is for samples ``offset .. offset + n - 1`` of this
+    prompt (a sample store keys samples by index; early stop draws in batches). Not a decoding parameter."""
 
     def params(self) -> dict[str, Any]:
         """Decoding parameters that change what is sampled (part of the sample store's key)."""
@@ -89,14 +100,26 @@ class Generation:
     output_tokens: int
     latency_s: float = 0.0
     finish_reason: str = "stop"
+    usd: float | None = None
+    """This sample's share of the call's dollars (the prompt split evenly); None where unpriced."""
 
 
 @dataclass(frozen=True)
 class CompletionResult:
     generations: tuple[Generation, ...]
     cost: Cost = field(default_factory=Cost)
-    """Accounted cost of the whole call: FLOPs (prefill once, every sample's decode), tokens, dollars."""
+    """Accounted cost of the whole call: FLOPs (prefill once, every sample's decode), tokens, dollars.
+    With a sample store in front, what the samples cost whether generated now or earlier."""
     latency_s: float = 0.0
+    reused: int = 0
+    """How many of ``generations`` a sample store served instead of generating them."""
+    generated_cost: Cost | None = None
+    """What this call actually generated now, when a store served some samples (``None``: all of ``cost``)."""
+
+    @property
+    def paid(self) -> Cost:
+        """The cost actually incurred by this call (``cost`` minus what a store served)."""
+        return self.cost if self.generated_cost is None else self.generated_cost
 
 
 class ModelBackend(abc.ABC):

@@ -124,3 +124,34 @@ def review_sqlite_template(tmp_path_factory: pytest.TempPathFactory, review_stud
     path = tmp_path_factory.mktemp("review") / "template.db"
     review_studies(f"sqlite:///{path}")
     return path
+
+
+# --- A real llama.cpp server with a real small model (tests/test_llama_e2e.py) ---------------------------------
+# ``llama_server`` (session) starts ``llama-server`` on 127.0.0.1 with Gemma 3 270M (``executors.llama_server``)
+# and stops it at the end; the GGUF is assembled once into ``ALLOT_CACHE_DIR`` or ``<repo>/.allot-cache``.
+# ``llama`` is the same server, restarted first if an earlier test killed it; a test kills and restarts it with
+# ``llama.kill()`` and ``llama.restart()`` (same port, so ``llama.api_base`` stays valid).
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not fetch its price map
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from executors.llama_server import LlamaServer, LlamaServerError
+
+    cache = Path(os.environ.get("ALLOT_CACHE_DIR") or Path(__file__).resolve().parent.parent / ".allot-cache")
+    server = LlamaServer(cache_dir=cache, log_path=tmp_path_factory.mktemp("llama") / "llama-server.log")
+    try:
+        server.start()
+    except LlamaServerError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def llama(llama_server: object) -> object:
+    """The session's llama.cpp server, (re)started and healthy."""
+    return llama_server.ensure_running()  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ another; ``InMemoryStorage()`` keeps nothing past the process.
 from __future__ import annotations
 
 from planner.graph_record import GraphVersion
-from planner.storage._base import BaseStorage, DuplicateStudy
+from planner.storage._base import BaseStorage, DuplicateStudy, SampleRecord
 from planner.storage._memory import InMemoryStorage
 from planner.storage._sql import SQLStorage
 from planner.storage.database import default_database_url, ensure_schema, upgrade
@@ -19,6 +19,7 @@ __all__ = [
     "GraphVersion",
     "InMemoryStorage",
     "SQLStorage",
+    "SampleRecord",
     "default_database_url",
     "ensure_schema",
     "get_storage",

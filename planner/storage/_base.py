@@ -12,12 +12,15 @@ default, PostgreSQL by URL; schema owned by Alembic). Guarantees every implement
 - Graph versions within a graph are 1, 2, 3, ... in creation order, with no gaps, also when several
   processes add versions of one graph at once. A version's definition never changes; only ``pinned`` does.
 - Nothing stored is lost by a failed write: each call is one transaction.
+- Samples are keyed by (model, prompt hash, params hash, sample index); adding one whose key is stored
+  keeps the stored one (idempotent), also when several processes add it at once.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from graphs.cost import Budget, Cost
@@ -25,11 +28,27 @@ from graphs.plan import Plan
 from planner.graph_record import GraphVersion
 from planner.trial import FrozenTrial, StudyRecord, TrialState
 
-__all__ = ["BaseStorage", "DuplicateStudy", "GraphVersion"]
+__all__ = ["BaseStorage", "DuplicateStudy", "GraphVersion", "SampleRecord"]
 
 
 class DuplicateStudy(KeyError):
     """A study with this name exists already (resume it instead)."""
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One stored generation. ``prompt_hash`` and ``params_hash`` are sha256 hex digests of the rendered
+    prompt and of the decoding parameters; ``sample_index`` is 0, 1, 2, ... per (model, prompt, params)."""
+
+    model: str
+    prompt_hash: str
+    params_hash: str
+    sample_index: int
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    latency_s: float | None = None
+    usd: float | None = None
 
 
 class BaseStorage(abc.ABC):
@@ -145,6 +164,18 @@ class BaseStorage(abc.ABC):
     def set_graph_pinned(self, version_id: int, pinned: bool) -> GraphVersion:
         """Pin or unpin one version (other versions are left as they are); returns the updated record.
         Raises ``KeyError`` for an unknown id."""
+
+    # samples
+
+    @abc.abstractmethod
+    def get_samples(self, model: str, prompt_hash: str, params_hash: str, limit: int | None = None) -> list[SampleRecord]:
+        """Stored samples of one (model, prompt, params) with ``sample_index < limit`` (all if ``None``),
+        in index order. Indices may have gaps (a run that stopped half-way); none is an empty list."""
+
+    @abc.abstractmethod
+    def add_samples(self, samples: Iterable[SampleRecord]) -> int:
+        """Store every sample whose key is not stored yet, in one transaction; returns how many were new.
+        A sample whose key is stored is skipped (the stored one stays)."""
 
     def latest_graph_version(self, graph: str) -> GraphVersion:
         """The newest version of ``graph``. Raises ``KeyError`` for a graph with none."""

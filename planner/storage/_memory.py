@@ -17,7 +17,7 @@ from typing import Any
 from graphs.cost import Budget, Cost
 from graphs.plan import Plan
 from planner.graph_record import GraphVersion
-from planner.storage._base import BaseStorage, DuplicateStudy
+from planner.storage._base import BaseStorage, DuplicateStudy, SampleRecord
 from planner.storage.tables import finite_scores, strict_json, utcnow
 from planner.trial import FrozenTrial, StudyRecord, TrialState
 
@@ -58,6 +58,7 @@ class InMemoryStorage(BaseStorage):
         self._plans: dict[str, Plan] = {}
         self._versions: dict[int, GraphVersion] = {}
         self._graph_versions: dict[str, list[int]] = {}
+        self._samples: dict[tuple[str, str, str], dict[int, SampleRecord]] = {}
 
     def __repr__(self) -> str:
         return "InMemoryStorage()"
@@ -280,3 +281,30 @@ class InMemoryStorage(BaseStorage):
             return self._versions[version_id]
         except KeyError:
             raise KeyError(f"no graph version with id {version_id}") from None
+
+    # samples
+
+    def get_samples(self, model: str, prompt_hash: str, params_hash: str, limit: int | None = None) -> list[SampleRecord]:
+        with self._lock:
+            stored = self._samples.get((model, prompt_hash, params_hash), {})
+            return [stored[i] for i in sorted(stored) if limit is None or i < limit]
+
+    def add_samples(self, samples: Iterable[SampleRecord]) -> int:
+        checked = [_checked_sample(sample) for sample in samples]
+        added = 0
+        with self._lock:
+            for sample in checked:
+                stored = self._samples.setdefault((sample.model, sample.prompt_hash, sample.params_hash), {})
+                if sample.sample_index not in stored:
+                    stored[sample.sample_index] = sample
+                    added += 1
+        return added
+
+
+def _checked_sample(sample: SampleRecord) -> SampleRecord:
+    """What the SQL columns would refuse is refused here too."""
+    if sample.sample_index < 0:
+        raise ValueError(f"sample_index must be >= 0, got {sample.sample_index}")
+    if not sample.model or not sample.prompt_hash or not sample.params_hash:
+        raise ValueError("a sample needs a model, a prompt hash and a params hash")
+    return replace(sample, prompt_tokens=int(sample.prompt_tokens), output_tokens=int(sample.output_tokens))

@@ -11,7 +11,9 @@ frozen records. Concurrency is handled by the database, not by hope:
 - plans: ``INSERT ... ON CONFLICT DO NOTHING`` by plan id, so a plan is stored once whoever stores it;
 - graph versions: like trial numbers, but there is no graph row to lock, so the graph's name is locked
   (a transaction-scoped advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) before
-  ``max(version) + 1`` is read, and the unique ``(graph, version)`` constraint backs it up with a retry.
+  ``max(version) + 1`` is read, and the unique ``(graph, version)`` constraint backs it up with a retry;
+- samples: ``INSERT ... ON CONFLICT DO NOTHING`` on the unique sample key, so adding a stored sample
+  again, from any process, keeps the first.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from graphs.cost import Budget, BudgetUnit, Cost
 from graphs.errors import StorageError
 from graphs.plan import Plan
 from planner.graph_record import GraphVersion
-from planner.storage._base import BaseStorage, DuplicateStudy
+from planner.storage._base import BaseStorage, DuplicateStudy, SampleRecord
 from planner.storage.database import (
     default_database_url,
     ensure_schema,
@@ -47,6 +49,7 @@ from planner.storage.database import (
 from planner.storage.tables import (
     GraphVersionRow,
     PlanRow,
+    SampleRow,
     StudyRow,
     TrialRow,
     finite_scores,
@@ -468,6 +471,74 @@ class SQLStorage(BaseStorage):
             assert row is not None
             session.refresh(row)
             return _graph_version(row)
+
+    # samples
+
+    def get_samples(self, model: str, prompt_hash: str, params_hash: str, limit: int | None = None) -> list[SampleRecord]:
+        query = select(SampleRow).where(
+            SampleRow.model == model, SampleRow.prompt_hash == prompt_hash, SampleRow.params_hash == params_hash
+        )
+        if limit is not None:
+            query = query.where(col(SampleRow.sample_index) < limit)
+        with self._transaction() as session:
+            return [_sample_record(row) for row in session.exec(query.order_by(col(SampleRow.sample_index)))]
+
+    def add_samples(self, samples: Iterable[SampleRecord]) -> int:
+        rows = [_sample_values(sample) for sample in samples]
+        if not rows:
+            return 0
+        table = SampleRow.__table__
+        keys = ["model", "prompt_hash", "params_hash", "sample_index"]
+        with self._transaction(write=True) as session:
+            dialect = session.get_bind().dialect.name
+            if dialect in ("postgresql", "sqlite"):
+                insert = pg_insert if dialect == "postgresql" else sqlite_insert
+                added = 0
+                for start in range(0, len(rows), 500):  # well below SQLite's bound on query parameters
+                    chunk = rows[start : start + 500]
+                    statement = insert(table).values(chunk).on_conflict_do_nothing(index_elements=keys)
+                    added += len(session.exec(statement.returning(table.c.id)).all())
+                return added
+            added = 0
+            for values in rows:
+                exists = session.exec(select(SampleRow.id).where(*(getattr(SampleRow, k) == values[k] for k in keys))).first()
+                if exists is None:
+                    session.add(SampleRow(**values))
+                    added += 1
+            return added
+
+
+def _sample_record(row: SampleRow) -> SampleRecord:
+    return SampleRecord(
+        model=row.model,
+        prompt_hash=row.prompt_hash,
+        params_hash=row.params_hash,
+        sample_index=row.sample_index,
+        text=row.text,
+        prompt_tokens=row.prompt_tokens,
+        output_tokens=row.output_tokens,
+        latency_s=row.latency_s,
+        usd=row.usd,
+    )
+
+
+def _sample_values(sample: SampleRecord) -> dict[str, Any]:
+    if sample.sample_index < 0:
+        raise ValueError(f"sample_index must be >= 0, got {sample.sample_index}")
+    if not sample.model or not sample.prompt_hash or not sample.params_hash:
+        raise ValueError("a sample needs a model, a prompt hash and a params hash")
+    return {
+        "model": sample.model,
+        "prompt_hash": sample.prompt_hash,
+        "params_hash": sample.params_hash,
+        "sample_index": int(sample.sample_index),
+        "text": sample.text,
+        "prompt_tokens": int(sample.prompt_tokens),
+        "output_tokens": int(sample.output_tokens),
+        "latency_s": sample.latency_s,
+        "usd": sample.usd,
+        "created_at": utcnow(),
+    }
 
 
 def _insert_plan(session: Session, plan: Plan, plan_text: str) -> None:
