@@ -959,8 +959,8 @@ class _Updater:
                 self.flag("invalid", str(raw)[:40], "an edge is an object; dropped")
                 continue
             src, dst = raw.get("source"), raw.get("target")
-            name = f"{src}->{dst}"
-            if src not in by_id or dst not in by_id:
+            name = f"{src}->{dst}"[:80]
+            if not isinstance(src, str) or not isinstance(dst, str) or src not in by_id or dst not in by_id:
                 self.flag("unknown_slot", name, "an end of the edge is not a slot of the graph; dropped")
                 continue
             if position[src] >= position[dst]:

@@ -6,6 +6,9 @@ validation error, a bounded number of times; after that the call returns ``None`
 back to the insight heuristic. Every call's tokens, dollars and latency are counted (``usage``), so a
 study reports what its planner cost beside what its evaluations cost.
 
+A call that fails (unreachable, timed out, over the model's context) is not retried: the agent falls back
+at once, and the error is recorded as one line (the provider's message, without litellm's wrapping).
+
 Tests and CI use ``scripted_model``: a deterministic local fake registered as a litellm provider
 (``allot-scripted/<name>``), so parsing, repair, re-asking and fallback run through litellm for real.
 """
@@ -32,6 +35,10 @@ Schema = TypeVar("Schema", bound=BaseModel)
 Message = dict[str, str]
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
+_LITELLM_PREFIX = re.compile(r"^(?:litellm\.)?[A-Za-z_]*(?:Error|Exception|Timeout)\s*(?:[:-]\s*)?")
+_MAX_OPENERS = 20  # positions tried by the prefix repair (a JSON value followed by junk)
+SELF_HOSTED = frozenset({"hosted_vllm", "vllm", "ollama", "ollama_chat", "lm_studio", "llamafile", "openai_like"})
+"""litellm providers that are servers of one's own: they need no API key (as in ``executors.litellm_backend``)."""
 
 
 @dataclass
@@ -52,7 +59,8 @@ class PlannerCall:
 
 
 def extract_json(text: str) -> Any:
-    """The JSON value in a reply: the whole text, a fenced block, or the outermost {...} / [...].
+    """The JSON value in a reply: the whole text, a fenced block, the outermost {...} / [...], or the first
+    complete value followed by anything (a small model often keeps writing brackets after it).
 
     Repairs trailing commas. Raises ``ValueError`` when nothing parses.
     """
@@ -68,6 +76,16 @@ def extract_json(text: str) -> Any:
                 return json.loads(attempt)
             except (json.JSONDecodeError, ValueError):
                 continue
+    decoder = json.JSONDecoder()
+    for source in (text, _TRAILING_COMMA.sub(r"\1", text)):
+        starts = [i for i, char in enumerate(source) if char in "{["][:_MAX_OPENERS]
+        for start in starts:
+            try:
+                value, _ = decoder.raw_decode(source, start)
+            except (json.JSONDecodeError, ValueError):
+                continue
+            if isinstance(value, dict) or (isinstance(value, list) and value):
+                return value
     raise ValueError("no JSON object found in the reply")
 
 
@@ -86,6 +104,10 @@ class PlannerLLM:
         max_attempts: int = 3,
         timeout_s: float = 60.0,
     ) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.model = model
         self.api_base = api_base
         self.temperature = temperature
@@ -120,11 +142,13 @@ class PlannerLLM:
                     max_tokens=self.max_tokens,
                     timeout=self.timeout_s,
                     num_retries=0,
+                    max_retries=0,  # else the OpenAI client retries twice by itself: 3x the timeout
                 )
             except Exception as exc:  # the planner being down is a fallback, not a crash
-                call.errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                call.errors.append(self._describe(exc))
                 break
-            text = response.choices[0].message.content or ""
+            choice = response.choices[0]
+            text = choice.message.content or ""
             usage = getattr(response, "usage", None)
             call.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
             call.output_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
@@ -133,6 +157,8 @@ class PlannerLLM:
                 value = schema.model_validate(extract_json(text))
             except (ValueError, ValidationError) as exc:
                 error = _first_line(exc)
+                if getattr(choice, "finish_reason", None) == "length":
+                    error += f" (the reply was cut off at max_tokens={self.max_tokens})"
                 call.errors.append(error)
                 history += [
                     {"role": "assistant", "content": text[:4000]},
@@ -149,13 +175,29 @@ class PlannerLLM:
         """Environment variables the model's provider needs and that are not set (never their values)."""
         import litellm
 
-        if self.model.startswith(("allot-scripted/", "hosted_vllm/")) or self.api_base:
+        provider = self.model.split("/", 1)[0] if "/" in self.model else ""
+        if provider == "allot-scripted" or provider in SELF_HOSTED:
             return []
         try:
-            report = litellm.validate_environment(model=self.model)
+            report = litellm.validate_environment(model=self.model, api_base=self.api_base)
         except Exception:  # an unknown provider is reported by the call itself
             return []
         return [] if report.get("keys_in_environment") else list(report.get("missing_keys") or [])
+
+    def _describe(self, exc: Exception) -> str:
+        """One line about a failed call: the exception's kind and the provider's own message."""
+        kind = type(exc).__name__
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        detail = _provider_message(text) or first
+        while True:  # litellm wraps as "litellm.Timeout: Timeout Error: Hosted_vllmException - ..."
+            shorter = _LITELLM_PREFIX.sub("", detail, count=1).strip()
+            if shorter == detail or not shorter:
+                break
+            detail = shorter
+        if "timeout" in kind.lower() or "timed out" in detail.lower():
+            detail = f"no answer within {self.timeout_s:g} s ({detail})"
+        return f"{kind}: {detail}"[:300]
 
     def _add(self, call: PlannerCall) -> None:
         total = self.usage
@@ -173,6 +215,20 @@ def _first_line(exc: Exception) -> str:
         where = ".".join(str(p) for p in first.get("loc", ()))
         return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
     return str(exc).splitlines()[0]
+
+
+def _provider_message(text: str) -> str:
+    """The ``error.message`` of a JSON error body inside an exception's text (OpenAI-style servers)."""
+    start = text.find("{")
+    if start < 0:
+        return ""
+    try:
+        body, _ = json.JSONDecoder().raw_decode(text, start)
+    except (json.JSONDecodeError, ValueError):
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+    return " ".join(str(message).split()) if message else ""
 
 
 def _cost_of(response: Any) -> float:

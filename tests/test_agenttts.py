@@ -368,7 +368,14 @@ def test_resume_does_not_probe_again(sim, sim_allocations) -> None:
     new_study(sim, AgentTTSStrategy(seed=4, planner_model=route), storage=storage, name="half").optimize(6)
     resumed = reload("half", storage, sim)
     assert isinstance(resumed.strategy, AgentTTSStrategy)
-    assert resumed.strategy.params() == {"planner_model": route, "api_base": None, "batch": 3, "max_attempts": 3}
+    assert resumed.strategy.params() == {
+        "planner_model": route,
+        "api_base": None,
+        "batch": 3,
+        "max_attempts": 3,
+        "max_tokens": 2048,
+        "timeout_s": 60.0,
+    }
     assert resumed.strategy.seed == 4
     resumed.optimize(SIM_PROBES - 6 + 3)
     trials = resumed.trials
@@ -446,7 +453,9 @@ def test_reproducible_without_a_planner(replay, replay_space) -> None:
 
 
 def test_params_and_validation() -> None:
-    strategy = AgentTTSStrategy(seed=9, planner_model="openai/gpt-4o-mini", api_base="http://localhost:8000/v1", batch=4)
+    strategy = AgentTTSStrategy(
+        seed=9, planner_model="openai/gpt-4o-mini", api_base="http://localhost:8000/v1", batch=4, max_tokens=512, timeout_s=20
+    )
     assert strategy.name == "agenttts"
     assert strategy.seed == 9
     params = strategy.params()
@@ -455,11 +464,14 @@ def test_params_and_validation() -> None:
         "api_base": "http://localhost:8000/v1",
         "batch": 4,
         "max_attempts": 3,
+        "max_tokens": 512,
+        "timeout_s": 20.0,
     }
+    assert (strategy._llm.max_tokens, strategy._llm.timeout_s) == (512, 20.0)  # what the planner LLM is given
     assert json.loads(json.dumps(params)) == params
     assert AgentTTSStrategy(seed=9, **params).params() == params
     assert AgentTTSStrategy().params()["planner_model"] is None
-    for bad in ({"batch": 0}, {"max_attempts": 0}):
+    for bad in ({"batch": 0}, {"max_attempts": 0}, {"max_tokens": 0}, {"timeout_s": 0}):
         with pytest.raises(ValueError):
             AgentTTSStrategy(**bad)
 

@@ -12,8 +12,6 @@ import json
 import math
 import random
 import re
-import statistics
-import time
 from collections.abc import Callable
 from statistics import fmean
 
@@ -360,6 +358,63 @@ def test_agent_graph_and_params() -> None:
     assert {"observe", "enumerate", "select", "pretest", "init_graph", "update", "sample"} <= nodes
     with pytest.raises(ValueError):
         AgentReinforceStrategy(batch=0)
+    tuned = AgentReinforceStrategy(seed=2, planner_model=PLANNERS["good"], max_tokens=256, timeout_s=15)
+    assert (tuned.params()["max_tokens"], tuned.params()["timeout_s"]) == (256, 15.0)
+    assert (tuned._llm.max_tokens, tuned._llm.timeout_s) == (256, 15.0)  # what the planner LLM is given
+    assert AgentReinforceStrategy(seed=2, **tuned.params()).params() == tuned.params()
+    for bad in ({"max_tokens": 0}, {"timeout_s": 0}):
+        with pytest.raises(ValueError):
+            AgentReinforceStrategy(**bad)  # type: ignore[arg-type]
+
+
+def broken_edges_planner(messages: list[dict[str, str]]) -> str:
+    """The good planner's rewrite plus edges whose ends are not slot ids but lists and objects."""
+    reply = good_planner(messages)
+    if "TASK: select" in _prompt(messages):
+        return reply
+    (rewrite,) = _blocks(reply)
+    for stage in rewrite["stages"]:
+        stage["edges"] += [{"source": ["s0"], "target": {"id": "r1"}, "probability": 0.9}, {"source": None, "target": 3}]
+    return json.dumps(rewrite)
+
+
+def test_agent_survives_edges_that_name_no_slot(sim_graphs: SimulatedEnvironment) -> None:
+    route = scripted_model("reinforce-broken-edges", broken_edges_planner)
+    study = run(sim_graphs, SIM_BUDGET, AgentReinforceStrategy(seed=0, planner_model=route, iterations=3), 12)
+    assert len(study.evaluated_trials) == 12
+    check_search(study, "agent-reinforce")
+    versions = [t.strategy_info["graph_version"] for t in study.trials if "graph_version" in t.strategy_info]
+    updates = [v for v in versions if v["definition"]["iteration"] > 1]
+    assert updates
+    for version in updates:
+        assert version["definition"]["update"]["method"] == "planner"  # the rest of the rewrite is applied
+        assert "4 unknown_slot" in version["cause"]  # two broken edges per stage, dropped and reported
+
+
+def test_agent_falls_back_when_a_rewrite_cannot_be_applied(
+    sim_graphs: SimulatedEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import planner.agents.agent_reinforce as agent_module
+
+    real = agent_module.apply_step
+
+    def picky(state, proposed, trials, context):  # type: ignore[no-untyped-def]
+        if any(not isinstance(graph, ProbabilisticGraph) for graph in proposed.values()):
+            raise TypeError("unhashable type: 'list'")  # as a rewrite the rules cannot read once did
+        return real(state, proposed, trials, context)
+
+    monkeypatch.setattr(agent_module, "apply_step", picky)
+    study = run(sim_graphs, SIM_BUDGET, agent("good", iterations=3), 12)
+    assert len(study.evaluated_trials) == 12
+    check_search(study, "agent-reinforce")
+    versions = [t.strategy_info["graph_version"] for t in study.trials if "graph_version" in t.strategy_info]
+    updates = [v for v in versions if v["definition"]["iteration"] > 1]
+    assert updates
+    for version in updates:
+        update = version["definition"]["update"]
+        assert update["method"] == "numeric"
+        assert update["fallback"] == "planner rewrite could not be applied (TypeError: unhashable type: 'list')"
+        assert "numeric REINFORCE step (planner rewrite could not be applied" in version["cause"]
 
 
 # -- the simulated collaboration-graph model -------------------------------------------------------------------
@@ -515,7 +570,7 @@ def test_graph_check_rules() -> None:
         narrow.check(Plan(stages=(fused("stage1", "tiny", (("sim-1B", 64),)),)))
 
 
-def test_graph_evaluation_is_fast_and_seeded() -> None:
+def test_graph_evaluation_is_bounded_and_seeded() -> None:
     env = SimulatedEnvironment(stages=3, graphs=True, seed=0)
     space = SearchSpace.from_info(env.info)
     models = space.stage_models["stage1"]
@@ -529,14 +584,8 @@ def test_graph_evaluation_is_fast_and_seeded() -> None:
     plans = [Plan(stages=tuple(g.sample(rng) for g in graphs)) for _ in range(150)]
     plans = [p for p in plans if _runs(env, p)]
     assert len(plans) > 100
-    env.evaluate(plans[0])
-    times = []
-    for plan in plans:
-        start = time.perf_counter()
-        result = env.evaluate(plan)
-        times.append(time.perf_counter() - start)
-        assert 0.0 <= result.score <= 1.0
-    assert statistics.median(times) < 1e-3
+    for plan in plans:  # its speed is measured by benchmarks/planner_step.py, not asserted here
+        assert 0.0 <= env.evaluate(plan).score <= 1.0
     again = SimulatedEnvironment(stages=3, graphs=True, seed=0)
     assert [again.evaluate(p) for p in plans[:20]] == [env.evaluate(p) for p in plans[:20]]
     other = SimulatedEnvironment(stages=3, graphs=True, seed=1)

@@ -27,9 +27,10 @@ reads where the search stands from ``context.trials`` and routes::
   only if the graphs that used it scored above the batch mean); what it clips is reported.
 
 Fallbacks, recorded in ``info["fallback"]`` and the rationale: without a planner model, or when its
-answer is unusable after re-asking, ``select`` takes ``InsightStrategy``'s proposals and ``update`` takes
-the numeric REINFORCE step (``planner.strategies._reinforce``); after ``iterations`` planner updates the
-numeric step continues alone, so the planner's cost is bounded.
+answer is unusable after re-asking (or a rewrite cannot be applied at all), ``select`` takes
+``InsightStrategy``'s proposals and ``update`` takes the numeric REINFORCE step
+(``planner.strategies._reinforce``); after ``iterations`` planner updates the numeric step continues
+alone, so the planner's cost is bounded.
 
 Every update is a graph version in the first next proposal's ``info["graph_version"]`` (``definition``
 and ``cause``), which the study layer stores; ``planner_cost`` carries what the planner LLM spent. The
@@ -51,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from graphs.cost import Cost
 from graphs.errors import AllotError
 from graphs.plan import Plan, Role, StageGraph
-from graphs.probabilistic import ProbabilisticGraph
+from graphs.probabilistic import ProbabilisticGraph, Violation
 from planner.llm import PlannerCall, PlannerLLM
 from planner.space import StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
@@ -163,6 +164,8 @@ class AgentReinforceStrategy(Strategy):
         batch: pre-tests, and sampled graphs per update.
         iterations: planner updates of the graph; later updates are numeric.
         max_attempts: planner calls per question (the first plus re-asks after invalid JSON).
+        max_tokens: the planner's output cap per call (a JSON answer cut off there is re-asked).
+        timeout_s: how long one planner call may take; a call that times out is not retried (fallback).
         learning_rate: step size of the numeric fallback.
     """
 
@@ -176,6 +179,8 @@ class AgentReinforceStrategy(Strategy):
         batch: int = 3,
         iterations: int = 10,
         max_attempts: int = 3,
+        max_tokens: int = 4096,
+        timeout_s: float = 60.0,
         learning_rate: float = 0.5,
     ) -> None:
         if batch < 1:
@@ -184,15 +189,29 @@ class AgentReinforceStrategy(Strategy):
             raise ValueError(f"iterations must be >= 0, got {iterations}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.planner_model = planner_model
         self.api_base = api_base
         self.batch = int(batch)
         self.iterations = int(iterations)
         self.max_attempts = int(max_attempts)
+        self.max_tokens = int(max_tokens)
+        self.timeout_s = float(timeout_s)
         self.learning_rate = float(learning_rate)
         self.baseline_decay = 0.7
         self._llm = (
-            PlannerLLM(planner_model, api_base=api_base, max_attempts=max_attempts, max_tokens=4096) if planner_model else None
+            PlannerLLM(
+                planner_model,
+                api_base=api_base,
+                max_attempts=max_attempts,
+                max_tokens=self.max_tokens,
+                timeout_s=self.timeout_s,
+            )
+            if planner_model
+            else None
         )
         super().__init__(seed)
         self._graph = self._build_graph()
@@ -204,6 +223,8 @@ class AgentReinforceStrategy(Strategy):
             "batch": self.batch,
             "iterations": self.iterations,
             "max_attempts": self.max_attempts,
+            "max_tokens": self.max_tokens,
+            "timeout_s": self.timeout_s,
             "learning_rate": self.learning_rate,
         }
 
@@ -498,10 +519,18 @@ class AgentReinforceStrategy(Strategy):
                 if not proposed:
                     fallback = "planner rewrote no stage of this task"
         method = "planner"
+        applied: tuple[tuple[ProbabilisticGraph, ...], list[Violation]] | None = None
+        if not fallback:
+            try:
+                applied = apply_step(graph, proposed, members, context)
+            except Exception as exc:  # a rewrite the rules cannot read is a fallback, never a crashed study
+                fallback = f"planner rewrite could not be applied ({type(exc).__name__}: {str(exc)[:200]})"
         if fallback:
             method = "numeric"
             proposed = dict(proposed_numeric)
-        graphs, violations = apply_step(graph, proposed, members, context)
+            applied = apply_step(graph, proposed, members, context)
+        assert applied is not None
+        graphs, violations = applied
         new = GraphState(self.name, graph.iteration + 1, graphs, baseline)
         numbers = [t.number for t in members]
         scores = [s for s in (trial_score(t) for t in members) if s is not None]

@@ -407,6 +407,8 @@ class AgentTTSStrategy(Strategy):
         api_base: the planner's endpoint (a vLLM server), if not the provider's default.
         batch: candidates asked of the planner per round; spares are served by later ``propose`` calls.
         max_attempts: planner calls per question (the first plus re-asks after invalid JSON).
+        max_tokens: the planner's output cap per call (a JSON answer cut off there is re-asked).
+        timeout_s: how long one planner call may take; a call that times out is not retried (fallback).
     """
 
     name = "agenttts"
@@ -418,17 +420,33 @@ class AgentTTSStrategy(Strategy):
         api_base: str | None = None,
         batch: int = 3,
         max_attempts: int = 3,
+        max_tokens: int = 2048,
+        timeout_s: float = 60.0,
     ) -> None:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.planner_model = planner_model
         self.api_base = api_base
         self.batch = int(batch)
         self.max_attempts = int(max_attempts)
+        self.max_tokens = int(max_tokens)
+        self.timeout_s = float(timeout_s)
         self._llm = (
-            PlannerLLM(planner_model, api_base=api_base, max_attempts=max_attempts, max_tokens=2048) if planner_model else None
+            PlannerLLM(
+                planner_model,
+                api_base=api_base,
+                max_attempts=max_attempts,
+                max_tokens=self.max_tokens,
+                timeout_s=self.timeout_s,
+            )
+            if planner_model
+            else None
         )
         super().__init__(seed)
         self._graph = self._build_graph()
@@ -441,6 +459,8 @@ class AgentTTSStrategy(Strategy):
             "api_base": self.api_base,
             "batch": self.batch,
             "max_attempts": self.max_attempts,
+            "max_tokens": self.max_tokens,
+            "timeout_s": self.timeout_s,
         }
 
     def reseed(self, seed: int) -> None:

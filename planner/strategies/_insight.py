@@ -8,10 +8,13 @@
    stage changes what it needs.
 
 After the probes the search is a best-first local search around the incumbent (the best plan so far):
-each candidate move (double or halve a node's samples, swap a model for a better-probed one, add or drop a
-model of a mixture, change the cap or the early-stop rule) gets a predicted gain from what the same kind of
-move gained before in this study, plus a bonus for using more of the budget, since compute helps until it
-plateaus. Everything is derived from the stored trials, so the strategy resumes without state of its own.
+each candidate move (double or halve a node's samples, swap a model for a better-probed one at a count that
+fits, add a model to a mixture at its smallest count, or paid for by fewer samples of the others, drop one,
+step the thinking cap to the next tighter or looser one, change the early-stop rule) gets a predicted gain
+from what the same kind of move gained before in this study, refined by what it gained on the same model,
+rule or cap direction (each mean shrunk toward the level above, so one trial does not decide), plus a bonus
+for using more of the budget, since compute helps until it plateaus. Everything is derived from the stored
+trials, so the strategy resumes without state of its own.
 The default strategy when no planner LLM is configured, and every agent's fallback.
 """
 
@@ -40,6 +43,8 @@ PRIOR_GAIN = {
     "shrink": -0.005,
     "drop": -0.005,
 }
+PRIOR_WEIGHT = 1.0
+"""How many observations the prior of a move's gain weighs against the study's own evidence."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,23 @@ class _Move:
     kind: str
     choices: tuple[StageChoice, ...]
     note: str
+    detail: str = ""
+    """What the move acts on (a model, a rule, a direction): evidence is pooled per kind and per detail."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.detail}" if self.detail else self.kind
 
 
 class InsightStrategy(Strategy):
     """Probe, then grow and mix the best models within the budget; see the module docstring."""
 
     name = "insight"
+    parents = 1
+    """How many of the best plans so far have their neighbourhoods ranked together (more once those run dry).
+    One: the best plan's neighbourhood is tried out first, whose plans share most samples with it (cheap
+    with sample reuse); ranking several together found plans in fewer trials on some tasks but generated
+    more new samples on the multi-stage simulated task."""
 
     def __init__(self, seed: int | None = None, plateau: float = 0.005, spend_bonus: float = 0.01) -> None:
         self.plateau = plateau
@@ -92,24 +108,30 @@ class InsightStrategy(Strategy):
                 out.append(Proposal(assembled, why, {"phase": "assemble"}))
         gains = _observed_gains(context.trials, space)
         incumbents = sorted(complete, key=lambda t: (-(t.score or 0.0), context.spent(t.plan), t.number))
-        for incumbent in incumbents:
+        # Best-first over the neighbourhoods of the ``parents`` best plans so far (the next ones once those
+        # are tried out): a move is ranked by the score it is predicted to reach, its parent's score plus
+        # what moves of its kind, and of its kind on the same model, rule or cap direction, gained so far.
+        candidates: dict[str, tuple[float, _Move, Plan, FrozenTrial]] = {}
+        for rank, incumbent in enumerate(incumbents):
+            if rank >= self.parents and len(candidates) >= n - len(out):
+                break
             base = tuple(space.choices_of(incumbent.plan))
-            ranked = []
             for move in self._moves(space, base, context):
                 plan = space.plan(move.choices)
                 if plan.plan_id in tried or not context.fits(plan):
                     continue
-                tried.add(plan.plan_id)
-                gain = gains.get(move.kind, PRIOR_GAIN[move.kind])
+                gain = _predicted_gain(gains, move)
                 spend = context.spent(plan) / context.budget.limit
-                priority = gain + self.spend_bonus * spend + 1e-6 * self._rng.random()
-                ranked.append((priority, move, plan))
-            ranked.sort(key=lambda item: -item[0])
-            for priority, move, plan in ranked[: n - len(out)]:
-                rationale = f"{move.note} (from trial {incumbent.number}, predicted gain {100 * priority:+.1f} pts)"
-                out.append(Proposal(plan, rationale, {"phase": "search", "move": move.kind, "parent": incumbent.number}))
-            if len(out) == n:
-                break
+                priority = (incumbent.score or 0.0) + gain + self.spend_bonus * spend + 1e-6 * self._rng.random()
+                if plan.plan_id not in candidates or priority > candidates[plan.plan_id][0]:
+                    candidates[plan.plan_id] = (priority, move, plan, incumbent)
+        ranked = sorted(candidates.values(), key=lambda item: -item[0])
+        for priority, move, plan, incumbent in ranked[: n - len(out)]:
+            tried.add(plan.plan_id)
+            predicted = priority - (incumbent.score or 0.0)
+            rationale = f"{move.note} (from trial {incumbent.number}, predicted gain {100 * predicted:+.1f} pts)"
+            info = {"phase": "search", "move": move.kind, "key": move.key, "parent": incumbent.number}
+            out.append(Proposal(plan, rationale, info))
         for _ in range(200 * n):  # every neighbourhood explored: keep going with random feasible plans
             if len(out) == n:
                 break
@@ -151,22 +173,31 @@ class InsightStrategy(Strategy):
                 stop = choice.early_stop if choice.early_stop is None or sum(samples.values()) > choice.early_stop else None
                 return replace(choice, samples=ordered, early_stop=stop)
 
+            def fits(samples: dict[str, int]) -> bool:
+                return context.fits(space.plan(with_stage(rebuilt(samples))))
+
             for model, n in counts.items():
                 bigger = _next(space.n_choices[model], n, +1)
                 if bigger is not None:
-                    yield _Move("grow", with_stage(rebuilt({**counts, model: bigger})), f"grow {model} to {bigger} samples")
+                    note = f"grow {model} to {bigger} samples"
+                    yield _Move("grow", with_stage(rebuilt({**counts, model: bigger})), note, model)
                 smaller = _next(space.n_choices[model], n, -1)
                 if smaller is not None:
-                    yield _Move("shrink", with_stage(rebuilt({**counts, model: smaller})), f"shrink {model} to {smaller}")
+                    yield _Move("shrink", with_stage(rebuilt({**counts, model: smaller})), f"shrink {model} to {smaller}", model)
                 for other in ranked_models:
                     if other not in counts and probe.get((stage, other), 0.0) >= probe.get((stage, model), 0.0):
-                        swapped = {k: v for k, v in counts.items() if k != model}
-                        swapped[other] = _closest(space.n_choices[other], n)
-                        yield _Move("swap", with_stage(rebuilt(swapped)), f"swap {model} for better-probed {other}")
-                        break
+                        # The better model at the most samples (up to the current count) the budget allows:
+                        # a better model usually costs more per sample, so keeping the count would not fit.
+                        rest = {k: v for k, v in counts.items() if k != model}
+                        fitting = [c for c in sorted(space.n_choices[other], reverse=True) if c <= max(n, 1)]
+                        count = next((c for c in fitting if fits({**rest, other: c})), None)
+                        if count is not None:
+                            note = f"swap {model} for better-probed {other} x{count}"
+                            yield _Move("swap", with_stage(rebuilt({**rest, other: count})), note, other)
+                            break
                 if len(counts) > 1:
                     rest = {k: v for k, v in counts.items() if k != model}
-                    yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture")
+                    yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture", model)
             # Insight 2, boldly: scale every node of the stage by the largest power of two that fits.
             filled = _fill(space, base, index, counts, context, rebuilt)
             if filled is not None:
@@ -174,24 +205,42 @@ class InsightStrategy(Strategy):
             if len(counts) < space.max_models:
                 for other in ranked_models:
                     if other not in counts:
+                        # Insights 1 and 2: a second model enters at its smallest count (the cheapest test of
+                        # the mixture; grow moves scale it), at the current count, and, where the smallest
+                        # does not fit, paid for by halving the incumbent's largest node.
+                        low = min(space.n_choices[other])
                         n = _closest(space.n_choices[other], min(counts.values()))
+                        yield _Move("mix", with_stage(rebuilt({**counts, other: low})), f"mix in {other} x{low}", other)
                         mixed = {**counts, other: n}
-                        yield _Move("mix", with_stage(rebuilt(mixed)), f"mix in {other} x{n}")
+                        if n != low:
+                            yield _Move("mix", with_stage(rebuilt(mixed)), f"mix in {other} x{n}", other)
                         filled = _fill(space, with_stage(rebuilt(mixed)), index, mixed, context, rebuilt)
                         if filled is not None:
                             yield _Move("fill", filled[0], f"mix in {other} and scale up x{filled[1]} to use the budget")
+                        paid = dict(counts)
+                        while not fits({**paid, other: low}):
+                            top = max(paid, key=lambda m: paid[m])
+                            smaller = _next(space.n_choices[top], paid[top], -1)
+                            if smaller is None:
+                                break
+                            paid[top] = smaller
+                        if paid != counts and fits({**paid, other: low}):
+                            note = f"mix in {other} x{low}, paid for by fewer samples of {', '.join(paid)}"
+                            yield _Move("mix", with_stage(rebuilt({**paid, other: low})), note, other)
                         break
             for stop in space.early_stop:
                 if stop != choice.early_stop and (stop is None or sum(counts.values()) > stop):
                     label = "no early stop" if stop is None else f"stop once {stop} answers agree"
-                    yield _Move("stop", with_stage(replace(choice, early_stop=stop)), label)
-            caps = list(space.caps)
+                    yield _Move("stop", with_stage(replace(choice, early_stop=stop)), label, str(stop))
+            # Caps in order of how much they allow (no cap is the widest): a move steps to a neighbour.
+            caps = sorted(space.caps, key=_cap_order)
             if choice.cap in caps:
                 position = caps.index(choice.cap)
                 for step in (-1, +1):
                     if 0 <= position + step < len(caps):
                         cap = caps[position + step]
-                        yield _Move("cap", with_stage(replace(choice, cap=cap)), f"thinking cap {cap or 'none'}")
+                        note = f"thinking cap {cap or 'none'}"
+                        yield _Move("cap", with_stage(replace(choice, cap=cap)), note, "tighter" if step < 0 else "looser")
             # Insight 3: trade budget between stages.
             for other_index, other_stage in enumerate(space.stages):
                 if other_index == index:
@@ -206,7 +255,8 @@ class InsightStrategy(Strategy):
                 traded = list(base)
                 traded[index] = rebuilt({**counts, top: bigger})
                 traded[other_index] = replace(base[other_index], samples=tuple({**giver, model: smaller}.items()))
-                yield _Move("trade", tuple(traded), f"move budget from stage {other_stage} to stage {stage}")
+                note = f"move budget from stage {other_stage} to stage {stage}"
+                yield _Move("trade", tuple(traded), note, f"{other_stage}>{stage}")
 
 
 def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -> Plan | None:
@@ -288,16 +338,38 @@ def _fill(space, base, index, counts, context, rebuilt):  # type: ignore[no-unty
 
 
 def _observed_gains(trials: Sequence[FrozenTrial], space: SearchSpace) -> dict[str, float]:
-    """Mean score change each kind of move produced over its parent trial, from the stored trials."""
+    """Predicted score change of each kind of move, and of each kind acting on one thing (``kind:detail``,
+    e.g. growing one model, one early-stop rule), from the stored trials' changes over their parents.
+
+    Each estimate is a mean shrunk toward the one above it (a detail toward its kind, a kind toward its
+    prior), with the weight of ``PRIOR_WEIGHT`` observations, so one lucky or unlucky trial does not
+    decide, yet a kind of move that keeps losing stops being tried."""
     by_number = {t.number: t for t in trials}
     deltas: dict[str, list[float]] = {}
     for trial in trials:
-        kind = trial.strategy_info.get("move")
-        parent = by_number.get(trial.strategy_info.get("parent", -1))
-        if not kind or parent is None or trial.score is None or parent.score is None:
+        info = trial.strategy_info
+        kind = info.get("move")
+        parent = by_number.get(info.get("parent", -1))
+        if not kind or kind not in PRIOR_GAIN or parent is None or trial.score is None or parent.score is None:
             continue
-        deltas.setdefault(kind, []).append(trial.score - parent.score)
-    return {kind: sum(values) / len(values) for kind, values in deltas.items()}
+        delta = trial.score - parent.score
+        deltas.setdefault(kind, []).append(delta)
+        key = info.get("key")
+        if key and key != kind:
+            deltas.setdefault(str(key), []).append(delta)
+    gains: dict[str, float] = {}
+    for kind, prior in PRIOR_GAIN.items():
+        observed = deltas.get(kind, [])
+        gains[kind] = (PRIOR_WEIGHT * prior + sum(observed)) / (PRIOR_WEIGHT + len(observed))
+    for key, observed in deltas.items():
+        kind = key.split(":", 1)[0]
+        if key != kind and kind in gains:
+            gains[key] = (PRIOR_WEIGHT * gains[kind] + sum(observed)) / (PRIOR_WEIGHT + len(observed))
+    return gains
+
+
+def _predicted_gain(gains: dict[str, float], move: _Move) -> float:
+    return gains.get(move.key, gains.get(move.kind, PRIOR_GAIN[move.kind]))
 
 
 def _probed(trial: FrozenTrial) -> list[tuple[str, str]]:
@@ -323,6 +395,11 @@ def _cheapest_fitting(space: SearchSpace, stage: str, context: StudyContext) -> 
     models = space.stage_models[stage]
     model = models[(len(models) - 1) // 2]
     return StageChoice(((model, min(space.n_choices[model])),), _widest_cap(space))
+
+
+def _cap_order(cap: int | None) -> float:
+    """Caps from the tightest to none at all."""
+    return float("inf") if cap is None else float(cap)
 
 
 def _widest_cap(space: SearchSpace) -> int | None:

@@ -1,0 +1,101 @@
+"""The insight heuristic's moves and its use of the evidence in the stored trials."""
+
+from __future__ import annotations
+
+import pytest
+
+from executors.replay import ReplayEnvironment
+from graphs.cost import Budget, Cost
+from planner.space import SearchSpace, StageChoice
+from planner.storage import InMemoryStorage
+from planner.strategies._base import StudyContext
+from planner.strategies._insight import PRIOR_GAIN, InsightStrategy, _Move, _observed_gains, _predicted_gain
+from planner.study import create_study
+from planner.trial import FrozenTrial, TrialState
+
+
+@pytest.fixture(scope="module")
+def env() -> ReplayEnvironment:
+    return ReplayEnvironment(benchmark="aime24", orderings=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def space(env: ReplayEnvironment) -> SearchSpace:
+    return SearchSpace.from_info(env.info, caps=(None, 2000, 8000, 32000))
+
+
+def context(env, space, budget, trials=()) -> StudyContext:  # type: ignore[no-untyped-def]
+    return StudyContext(space, budget, env.info, env.estimate_cost, tuple(trials), 0)
+
+
+def trial(number: int, plan, score: float, info: dict) -> FrozenTrial:  # type: ignore[no-untyped-def]
+    return FrozenTrial(0, 0, number, TrialState.COMPLETE, plan, Cost(), strategy_info=info, score=score)
+
+
+def test_cap_moves_step_to_the_neighbouring_caps_no_cap_being_the_widest(env, space) -> None:
+    budget = Budget(limit=1e9)
+    base = (StageChoice((("Qwen3-8B", 4),), None),)
+    moves = [m for m in InsightStrategy(0)._moves(space, base, context(env, space, budget)) if m.kind == "cap"]
+    assert [m.choices[0].cap for m in moves] == [32000]
+    assert moves[0].key == "cap:tighter"
+    base = (StageChoice((("Qwen3-8B", 4),), 8000),)
+    moves = [m for m in InsightStrategy(0)._moves(space, base, context(env, space, budget)) if m.kind == "cap"]
+    assert sorted(m.choices[0].cap or 10**9 for m in moves) == [2000, 32000]
+
+
+def test_mix_enters_at_the_smallest_count_and_is_paid_for_when_it_does_not_fit(env, space) -> None:
+    incumbent = space.plan([StageChoice((("Qwen3-4B", 8),), None)])
+    budget = Budget(limit=env.estimate_cost(incumbent).flops * 1.001, unit="flops")
+    ctx = context(env, space, budget)
+    mixes = [m for m in InsightStrategy(0)._moves(space, (space.choices_of(incumbent)[0],), ctx) if m.kind == "mix"]
+    smallest = {dict(m.choices[0].samples).get(m.detail) for m in mixes}
+    assert 1 in smallest
+    paid = [m for m in mixes if "paid for" in m.note]
+    assert paid, "the budget leaves no room for a second model unless the first gives some up"
+    for move in paid:
+        samples = dict(move.choices[0].samples)
+        assert samples["Qwen3-4B"] < 8 and ctx.fits(space.plan(move.choices))
+
+
+def test_swap_to_a_better_probed_model_picks_a_count_that_fits(env, space) -> None:
+    cheap = space.plan([StageChoice((("Qwen3-1.7B", 8),), None)])
+    budget = Budget(limit=env.estimate_cost(cheap).flops * 1.01, unit="flops")
+    probes = [
+        trial(i, space.plan([StageChoice(((m, 1),), None)]), score, {"phase": "probe", "stage": "answer", "model": m})
+        for i, (m, score) in enumerate((("Qwen3-1.7B", 0.5), ("Qwen3-8B", 0.75)))
+    ]
+    ctx = context(env, space, budget, probes)
+    swaps = [m for m in InsightStrategy(0)._moves(space, (space.choices_of(cheap)[0],), ctx) if m.kind == "swap"]
+    assert swaps and all(ctx.fits(space.plan(m.choices)) for m in swaps)
+    assert dict(swaps[0].choices[0].samples).keys() == {"Qwen3-8B"}
+
+
+def test_gains_pool_evidence_per_kind_and_per_detail_shrunk_toward_the_prior(space) -> None:
+    plan = space.plan([StageChoice((("Qwen3-8B", 1),), None)])
+    parent = trial(0, plan, 0.80, {"phase": "assemble"})
+    children = [
+        trial(1, plan, 0.10, {"phase": "search", "move": "cap", "key": "cap:tighter", "parent": 0}),
+        trial(2, plan, 0.80, {"phase": "search", "move": "cap", "key": "cap:looser", "parent": 0}),
+        trial(3, plan, 0.81, {"phase": "search", "move": "stop", "parent": 0}),  # stored before keys existed
+    ]
+    gains = _observed_gains([parent, *children], space)
+    assert gains["cap"] == pytest.approx((PRIOR_GAIN["cap"] - 0.70 + 0.0) / 3)
+    assert gains["cap:tighter"] == pytest.approx((gains["cap"] - 0.70) / 2)
+    assert gains["cap:looser"] > gains["cap:tighter"]
+    assert gains["stop"] == pytest.approx((PRIOR_GAIN["stop"] + 0.01) / 2)
+    unseen = _Move("grow", (), "", "Qwen3-4B")
+    assert _predicted_gain(gains, unseen) == PRIOR_GAIN["grow"]
+    assert _predicted_gain(gains, _Move("cap", (), "", "tighter")) == gains["cap:tighter"]
+
+
+def test_search_trials_store_the_move_key_the_next_proposal_depends_on(env, space) -> None:
+    """The evidence is read back from the stored trials only: a fresh instance proposes the same plan."""
+    budget = Budget(limit=500)
+    study = create_study(storage=InMemoryStorage(), environment=env, budget=budget, strategy="insight", space=space)
+    study.optimize(12)
+    search = [t for t in study.trials if t.strategy_info.get("phase") == "search"]
+    assert search and all(t.strategy_info["key"].split(":")[0] == t.strategy_info["move"] for t in search)
+    ctx = StudyContext(space, budget, env.info, env.estimate_cost, tuple(study.trials), 0)
+    first = InsightStrategy(0).propose(ctx, 2)
+    again = InsightStrategy(0).propose(ctx, 2)
+    assert [p.plan.plan_id for p in first] == [p.plan.plan_id for p in again]
