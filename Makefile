@@ -41,5 +41,8 @@ test: $(STAMP) $(LLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-bench: $(STAMP)
+# The replay scorer's throughput; the sample-reuse saving of a live 20-trial study on the llama.cpp server.
+bench: $(STAMP) $(LLM_STAMP)
 	$(BIN)/python benchmarks/replay_throughput.py
+	$(BIN)/python benchmarks/sample_reuse.py
+	$(BIN)/python benchmarks/service_throughput.py

@@ -12,6 +12,7 @@ import gzip
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from graphs.cost import ModelSpec
@@ -61,8 +62,9 @@ class ModelRecords:
     def min_samples(self) -> int:
         return min(len(row) for row in self.answers)
 
-    @property
+    @cached_property
     def max_tokens(self) -> int:
+        """The longest recorded trace (every budget check of a replayed request asks; computed once)."""
         return max(max(row) for row in self.tokens)
 
 

@@ -17,7 +17,9 @@ everything would have cost without reuse.
 Storage is any ``planner.storage.BaseStorage`` (``InMemoryStorage`` or ``SQLStorage``: SQLite file,
 PostgreSQL), table ``allot_samples``. Concurrent requests for one key within a process wait for each
 other, so a sample is generated once; across processes the first stored sample of a key wins and later
-requests are served that one.
+requests are served that one. A stored sample never changes, so a ``SampleStore(..., memory=N)`` keeps up
+to ``N`` samples it read in the process and serves a request whose indices it all holds without asking
+the database (a service worker runs the same inputs again and again).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -80,8 +83,13 @@ class SampleStore:
             file path (a SQLite file, created with its schema on first use); ``None``: in memory.
     """
 
-    def __init__(self, storage: BaseStorage | str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, storage: BaseStorage | str | os.PathLike[str] | None = None, *, memory: int = 0) -> None:
         self._owned = not isinstance(storage, BaseStorage)
+        self.memory = max(0, int(memory))
+        """Samples read from the storage that are kept in this process (0: none)."""
+        self._read: OrderedDict[tuple[str, str, str], dict[int, SampleRecord]] = OrderedDict()
+        self._kept = 0
+        self._read_lock = threading.Lock()
         if storage is None:
             storage = InMemoryStorage()
         elif not isinstance(storage, BaseStorage):
@@ -98,7 +106,37 @@ class SampleStore:
 
     def get(self, model: str, prompt_hash: str, params_hash: str, limit: int | None = None) -> list[SampleRecord]:
         """Stored samples of one key with ``sample_index < limit``, in index order (gaps possible)."""
-        return self.storage.get_samples(model, prompt_hash, params_hash, limit)
+        known = self._recall(model, prompt_hash, params_hash, limit)
+        if known is not None:
+            return known
+        found = self.storage.get_samples(model, prompt_hash, params_hash, limit)
+        self._remember((model, prompt_hash, params_hash), found)
+        return found
+
+    def _recall(self, model: str, prompt_hash: str, params_hash: str, limit: int | None) -> list[SampleRecord] | None:
+        """The samples ``get`` would return, if this process holds every index below ``limit``."""
+        if not self.memory or limit is None:
+            return None
+        key = (model, prompt_hash, params_hash)
+        with self._read_lock:
+            held = self._read.get(key)
+            if held is None or any(index not in held for index in range(limit)):
+                return None
+            self._read.move_to_end(key)
+            return [held[index] for index in range(limit)]
+
+    def _remember(self, key: tuple[str, str, str], samples: Sequence[SampleRecord]) -> None:
+        if not self.memory or not samples:
+            return
+        with self._read_lock:
+            held = self._read.setdefault(key, {})
+            before = len(held)
+            held.update((sample.sample_index, sample) for sample in samples)
+            self._kept += len(held) - before
+            self._read.move_to_end(key)
+            while self._kept > self.memory and len(self._read) > 1:
+                _, dropped = self._read.popitem(last=False)
+                self._kept -= len(dropped)
 
     def add(self, samples: Iterable[SampleRecord]) -> int:
         """Store samples whose key is new; returns how many were stored (stored keys are kept as they are)."""
@@ -108,6 +146,9 @@ class SampleStore:
         """``get`` without blocking the event loop on a database."""
         if self._threads is None:
             return self.get(model, prompt_hash, params_hash, limit)
+        known = self._recall(model, prompt_hash, params_hash, limit)
+        if known is not None:
+            return known
         return await asyncio.get_running_loop().run_in_executor(self._threads, self.get, model, prompt_hash, params_hash, limit)
 
     async def aadd(self, samples: Iterable[SampleRecord]) -> int:

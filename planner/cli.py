@@ -24,7 +24,9 @@ from executors.environment import Environment
 from graphs.cost import Budget, BudgetUnit
 from graphs.errors import AllotError, BudgetError
 from graphs.plan import Plan
+from planner.cli_jobs import feedback, jobs_app, submit, task_app
 from planner.cli_review import graph_app, serve
+from planner.cli_tokens import token_app
 from planner.report import best_single_model_baseline, most_expensive_single_model_cost
 from planner.space import SearchSpace
 from planner.storage import BaseStorage, get_storage
@@ -39,6 +41,11 @@ app.add_typer(study_app, name="study")
 app.add_typer(plan_app, name="plan")
 app.add_typer(db_app, name="db")
 app.add_typer(graph_app, name="graph")  # review commands: planner/cli_review.py
+app.add_typer(task_app, name="task")  # service commands: planner/cli_jobs.py
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(token_app, name="token")  # API tokens: planner/cli_tokens.py
+app.command("submit")(submit)
+app.command("feedback")(feedback)
 app.command("serve")(serve)
 
 DEFAULT_STRATEGY = "insight"  # needs no planner LLM
@@ -397,14 +404,29 @@ def worker(
     broker: Annotated[str | None, typer.Option(envvar="ALLOT_BROKER_URL", help="Broker URL; default: embedded.")] = None,
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
     database: DatabaseOption = None,
+    pool: Annotated[str, typer.Option(help="prefork (default), solo or threads.")] = "prefork",
+    queue: Annotated[str | None, typer.Option(envvar="ALLOT_QUEUE", help="Queue to consume; default: allot.")] = None,
+    reap_every: Annotated[float, typer.Option(min=0, help="Seconds between job reaper rounds (0: no reaper).")] = 5.0,
+    stale_after: Annotated[float, typer.Option(min=0.1, help="Re-queue running jobs whose heartbeat is this old.")] = 30.0,
+    redispatch_after: Annotated[float, typer.Option(min=0.1, help="Re-send messages of jobs queued this long.")] = 60.0,
 ) -> None:
-    """Start a Celery worker that evaluates queued trials."""
+    """Start a Celery worker that evaluates queued trials and runs jobs (and reaps the database's jobs)."""
+    from planner.storage import default_database_url
     from workers.worker import run_worker
 
     if database:
         os.environ["ALLOT_DATABASE_URL"] = database
     try:
-        run_worker(broker_url=broker, concurrency=concurrency)
+        run_worker(
+            broker_url=broker,
+            concurrency=concurrency,
+            pool=pool,
+            queue=queue,
+            database_url=database or default_database_url(),
+            reap_every_s=reap_every,
+            stale_after_s=stale_after,
+            redispatch_after_s=redispatch_after,
+        )
     except AllotError as exc:
         raise _fail(str(exc)) from None
 

@@ -246,11 +246,21 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
     write_token: Annotated[
         str | None,
-        typer.Option(envvar="ALLOT_WRITE_TOKEN", help="Secret that pinning and rollback need; without it the page is read-only."),
+        typer.Option(
+            envvar="ALLOT_WRITE_TOKEN",
+            help="A secret that may pin and roll back graph versions (as may write-scope API tokens).",
+        ),
     ] = None,
+    broker: Annotated[
+        str | None, typer.Option(envvar="ALLOT_BROKER_URL", help="Broker for submitted jobs' messages; default: embedded.")
+    ] = None,
+    queue: Annotated[str | None, typer.Option(envvar="ALLOT_QUEUE", help="Queue name; default: allot.")] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1024, envvar="ALLOT_MAX_BODY_BYTES", help="Larger request bodies are refused (413).")
+    ] = 64 * 1024,
     database: DatabaseOption = None,
 ) -> None:
-    """Serve the review page and its JSON API: studies, plans, learned graphs, jobs."""
+    """Serve the review pages and the REST API (jobs, tasks, studies, learned graphs; docs at /docs)."""
     import uvicorn
 
     from workers.review import create_review_app
@@ -259,10 +269,13 @@ def serve(
         storage = get_storage(database)
     except AllotError as exc:
         raise _fail(str(exc)) from None
-    app = create_review_app(storage, write_token)
-    writes = "pin and rollback need the write token" if write_token else "read-only (no --write-token)"
+    app = create_review_app(storage, write_token, broker_url=broker, queue=queue, max_body_bytes=max_body_bytes)
+    writes = "pin and rollback need a write token" if write_token else "pin and rollback need a write-scope API token"
     shown = f"[{host}]" if ":" in host else host
-    console.print(f"Allot review on http://{shown}:{port}/ ({writes}); Ctrl-C stops it.", highlight=False)
+    console.print(
+        f"Allot review on http://{shown}:{port}/ ({writes}); REST API under /api/v1 (docs: /docs). Ctrl-C stops it.",
+        highlight=False,
+    )
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     except (OSError, SystemExit) as exc:

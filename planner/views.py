@@ -415,6 +415,11 @@ def _job_dict(row: Any) -> dict[str, Any]:
         "budget": None if row.budget_limit is None else {"limit": row.budget_limit, "unit": row.budget_unit},
         "cost": None if cost is None else {**cost.as_dict(), "tokens": cost.tokens, "in_unit": in_unit},
         "worker": row.worker,
+        "score": row.score,
+        "answer": (row.result or {}).get("answer") if isinstance(row.result, Mapping) else None,
+        "attempt": row.attempt,
+        "priority": row.priority,
+        "latency_s": row.latency_s,
         "created_at": _iso(row.created_at),
         "started_at": _iso(row.started_at),
         "finished_at": _iso(row.finished_at),
@@ -461,4 +466,35 @@ def job_view(storage: BaseStorage, job_id: int) -> dict[str, Any]:
             for i, s in enumerate(stages)
         ]
     job["stage_outputs"] = outputs
+    job["feedback"] = _feedback_rows(storage, job_id)
     return job
+
+
+def _feedback_rows(storage: BaseStorage, job_id: int) -> list[dict[str, Any]]:
+    """A job's scored result and users' feedback, and the graph version each went into."""
+    from sqlmodel import Session, col, select
+
+    from planner.storage.tables import FeedbackRow, GraphVersionRow
+
+    with Session(storage.engine) as session:  # type: ignore[attr-defined]
+        rows = session.exec(select(FeedbackRow).where(FeedbackRow.job_id == job_id).order_by(col(FeedbackRow.id))).all()
+        versions = {
+            v.id: v.version
+            for v in session.exec(
+                select(GraphVersionRow).where(
+                    col(GraphVersionRow.id).in_([r.applied_version_id for r in rows if r.applied_version_id])
+                )
+            ).all()
+        }
+        return [
+            {
+                "source": r.source,
+                "score": r.score,
+                "answer": r.answer,
+                "comment": r.comment,
+                "graph": r.graph,
+                "version": versions.get(r.applied_version_id) if r.applied_version_id else None,
+                "created_at": _iso(r.created_at),
+            }
+            for r in rows
+        ]

@@ -226,3 +226,53 @@ def test_describe_broker_masks_secrets(tmp_path: Path, monkeypatch: pytest.Monke
 def test_memory_storage_cannot_feed_workers() -> None:
     with pytest.raises(ValueError, match="SQLStorage"):
         CeleryRunner(InMemoryStorage(), broker_url="filesystem:///nonexistent-never-created")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("broker_url", BROKERS)
+def test_jobs_run_on_a_worker_through_every_broker(
+    broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_postgres_url: str
+) -> None:
+    """Jobs submitted with ``Dispatcher`` are run by a real worker process: each succeeds once, with the
+    learned graph's plan, and the results' scores become a new graph version."""
+    from workers.dispatch import Dispatcher
+    from workers.jobs import JobState
+    from workers.service import ServiceTask, clear_runtimes, initial_state, register_task, runtime_for
+
+    if not _server_answers(broker_url):
+        pytest.fail(f"no broker answers at {describe_broker(broker_url)}: start it (see README)")
+    monkeypatch.setenv("ALLOT_HOME", str(tmp_path))
+    queue = f"allot-test-{uuid.uuid4().hex[:12]}"
+    storage = SQLStorage(fresh_postgres_url)
+    spec = ServiceTask(
+        name="aime",
+        backend="replay",
+        benchmark="aime24",
+        budget=Budget(limit=300_000, unit="tokens"),
+        graph="aime",
+        learn_every=5,
+    )
+    register_task(storage, spec)
+    runtime = runtime_for(spec, storage)
+    storage.add_graph_version("aime", initial_state(spec, runtime.task, runtime.catalog).definition(), "initial")
+    dispatcher = Dispatcher(storage, broker_url=broker_url, queue=queue)
+    try:
+        with running_worker(tmp_path, broker_url, queue, fresh_postgres_url):
+            jobs = [
+                dispatcher.submit("aime", {"example": ex.id}, priority=i % 3)[0]
+                for i, ex in enumerate(runtime.task.examples[:10])
+            ]
+            try:
+                finished = dispatcher.wait([job.id for job in jobs], timeout_s=WORKER_START_S)
+            except TimeoutError as exc:
+                pytest.fail(f"{exc}\n--- worker log ---\n{_worker_log(tmp_path)}")
+    finally:
+        clear_runtimes()
+        if not broker_url.startswith("filesystem"):
+            _delete_queue(broker_url, queue)
+    assert [job.state for job in finished] == [JobState.SUCCEEDED] * 10, [job.error for job in finished]
+    assert all(job.attempt == 1 and job.plan_id and job.worker for job in finished)
+    versions = storage.get_graph_versions("aime")
+    assert len(versions) == 3 and all(v.cause.startswith("feedback: 5 scored job(s)") for v in versions[1:])

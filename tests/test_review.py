@@ -28,6 +28,7 @@ from workers.review import create_review_app
 from workers.review._app import plotly_js_path
 
 TOKEN = "s3cret-review-token"
+"""The server's legacy write token (pin and roll back)."""
 ALLOT = Path(sys.executable).with_name("allot")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,7 +48,22 @@ def storage(db_url: str) -> Iterator[BaseStorage]:
 
 
 @pytest.fixture
-def client(storage: BaseStorage) -> TestClient:
+def read_token(storage: BaseStorage) -> str:
+    """A read-scope API token (``allot token create``): the JSON API needs one."""
+    from workers.tokens import TokenStore
+
+    return TokenStore(storage).create("reviewer", "reviewer", "read")[1]  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def client(storage: BaseStorage, read_token: str) -> TestClient:
+    """The review app as an API client with a read-scope token sees it."""
+    return TestClient(create_review_app(storage, TOKEN), headers={"Authorization": f"Bearer {read_token}"})
+
+
+@pytest.fixture
+def anonymous(storage: BaseStorage) -> TestClient:
+    """The review app as a browser sees it: no token."""
     return TestClient(create_review_app(storage, TOKEN))
 
 
@@ -122,19 +138,27 @@ def _state(db_url: str) -> list[tuple[int, bool, str]]:
         storage.close()
 
 
-def test_writes_need_the_token(client: TestClient, db_url: str, storage: BaseStorage) -> None:
+def test_writes_need_the_token(client: TestClient, anonymous: TestClient, db_url: str, storage: BaseStorage) -> None:
+    from workers.tokens import TokenStore
+
     before = _state(db_url)
     for path in ("/api/graphs/graphs/versions/2/pin", "/api/graphs/graphs/versions/1/rollback"):
-        missing = client.post(path, json={"pinned": True})
+        missing = anonymous.post(path, json={"pinned": True})
         assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-        assert client.post(path, json={"pinned": True}, headers={"Authorization": "Bearer wrong"}).status_code == 403
-        assert client.post(path, json={"pinned": True, "token": "wrong"}).status_code == 403
-    form = client.post("/graphs/graphs/versions/2/pin", data={"pinned": "1", "token": "wrong"}, follow_redirects=False)
+        wrong = anonymous.post(path, json={"pinned": True}, headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401 and wrong.json()["detail"] == "invalid or revoked token"
+        assert anonymous.post(path, json={"pinned": True, "token": TOKEN}).status_code == 401  # the body is no credential
+        read_only = client.post(path, json={"pinned": True})  # a read-scope API token
+        assert read_only.status_code == 403 and "write-scope" in read_only.json()["detail"]
+    form = anonymous.post("/graphs/graphs/versions/2/pin", data={"pinned": "1", "token": "wrong"}, follow_redirects=False)
     assert form.status_code == 403 and "wrong write token" in form.text
-    assert client.post("/graphs/graphs/versions/2/pin", data={"pinned": "1"}, follow_redirects=False).status_code == 401
-    read_only = TestClient(create_review_app(storage, None))
-    denied = read_only.post("/api/graphs/graphs/versions/2/pin", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert denied.status_code == 403 and "disabled" in denied.json()["detail"]
+    assert anonymous.post("/graphs/graphs/versions/2/pin", data={"pinned": "1"}, follow_redirects=False).status_code == 401
+    reader = TokenStore(storage).create("reader-2", "someone", "read")[1]  # type: ignore[arg-type]
+    form = anonymous.post("/graphs/graphs/versions/2/pin", data={"pinned": "1", "token": reader}, follow_redirects=False)
+    assert form.status_code == 403 and "read-only" in form.text
+    no_legacy = TestClient(create_review_app(storage, None))  # the legacy token is then just a wrong token
+    denied = no_legacy.post("/api/graphs/graphs/versions/2/pin", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert denied.status_code == 401 and "invalid" in denied.json()["detail"]
     assert _state(db_url) == before, "a refused write changed nothing"
 
 
@@ -191,8 +215,10 @@ def test_pages_render_offline(client: TestClient, storage: BaseStorage) -> None:
             assert text in response.text, (path, text)
         assert _external_urls(response.text) == [], path
     assert client.get("/studies/nope").status_code == 404
-    assert client.get("/api/docs").status_code == 404  # Swagger UI would load from a CDN
-    assert client.get("/api/openapi.json").json()["info"]["title"] == "Allot review"
+    assert client.get("/api/docs").status_code == 404  # Swagger UI would load from a CDN: /docs is rendered here
+    assert client.get("/api/openapi.json").json()["info"]["title"] == "Allot"
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/api/v1/studies/{name}/trials" in docs.text and _external_urls(docs.text) == []
     # a version some other writer stored in another format is shown raw, not drawn
     storage.add_graph_version("other", {"format": "something/1", "weights": [1, 2]}, "imported")
     other = client.get("/graphs/other")
@@ -214,6 +240,7 @@ def test_jobs_from_the_job_table(client: TestClient, storage: BaseStorage) -> No
             JobRow(
                 state="succeeded",
                 input={"question": "1+1?"},
+                owner="reviewer",  # the read token's owner: the API lists its caller's jobs only
                 plan_id=plan_id,
                 result={"answer": "2", "stages": {"answer": {"output": "2", "votes": {"2": 3}}}},
                 budget_limit=500.0,
@@ -226,20 +253,30 @@ def test_jobs_from_the_job_table(client: TestClient, storage: BaseStorage) -> No
         )
         session.commit()
     jobs = client.get("/api/jobs").json()
-    assert len(jobs) == 1 and jobs[0]["state"] == "succeeded" and jobs[0]["cost"]["tokens"] == 150.0
+    assert len(jobs) == 1 and jobs[0]["state"] == "succeeded"
+    assert jobs[0]["cost"]["prompt_tokens"] + jobs[0]["cost"]["output_tokens"] == 150.0
     job = client.get(f"/api/jobs/{jobs[0]['id']}").json()
     assert job["stage_outputs"] == [{"stage": "answer", "output": {"output": "2", "votes": {"2": 3}}}]
     page = client.get(f"/jobs/{jobs[0]['id']}").text
     assert "succeeded" in page and "votes" in page and plan_id[:12] in page
     assert "succeeded" in client.get("/jobs").text
     assert client.get("/api/jobs/999").status_code == 404
+    from workers.tokens import TokenStore
+
+    other = TokenStore(storage).create("other", "someone-else", "read")[1]  # type: ignore[arg-type]
+    assert client.get("/api/jobs", headers={"Authorization": f"Bearer {other}"}).json() == [], "another owner's job"
+    assert client.get(f"/api/jobs/{jobs[0]['id']}", headers={"Authorization": f"Bearer {other}"}).status_code == 404
 
 
 def test_in_memory_storage() -> None:
     client = TestClient(create_review_app(InMemoryStorage(), None))
-    assert client.get("/api/studies").json() == []
-    assert client.get("/api/jobs").json() == []
     assert "No studies yet" in client.get("/").text and "No jobs yet" in client.get("/jobs").text
+    # no token table: the JSON API refuses everyone, the forms say writes are disabled
+    assert client.get("/api/studies", headers={"Authorization": "Bearer allot_x"}).status_code == 401
+    assert client.get("/api/jobs").status_code == 401
+    assert client.get("/api/health").status_code == 200 and client.get("/api/ready").json()["ready"] is True
+    form = client.post("/graphs/g/versions/1/pin", data={"token": "x"}, follow_redirects=False)
+    assert form.status_code == 403 and "writes are disabled" in form.text
 
 
 # -- drawings -------------------------------------------------------------------------------------------------------

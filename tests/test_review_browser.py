@@ -71,7 +71,7 @@ class Server:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"{self.base}/api/studies", timeout=2) as response:
+                with urllib.request.urlopen(f"{self.base}/api/health", timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:

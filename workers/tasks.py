@@ -26,7 +26,7 @@ from planner.storage import BaseStorage, get_storage
 from planner.trial import TrialState
 from planner.trial_runner import run_trial
 
-__all__ = ["EVALUATE_TRIAL", "clear_caches", "evaluate_trial"]
+__all__ = ["EVALUATE_TRIAL", "RUN_JOB", "clear_caches", "evaluate_trial", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def clear_caches() -> None:
         _storages.clear()
         _environments.clear()
         _study_specs.clear()
+        _queues.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -109,3 +110,32 @@ def evaluate_trial(trial_id: int, database_url: str) -> dict[str, Any] | None:
         else:
             trial = run_trial(storage, environment, trial_id)
     return {"trial_id": trial.trial_id, "number": trial.number, "state": trial.state.value, "score": trial.score}
+
+
+# -- jobs -------------------------------------------------------------------------------------------------
+
+RUN_JOB = "allot.run_job"
+
+_queues: dict[str, Any] = {}
+
+
+def _job_queue(database_url: str) -> Any:
+    from workers.jobs import JobQueue
+
+    storage = _storage(database_url)
+    with _lock:
+        queue = _queues.get(database_url)
+        if queue is None:
+            queue = _queues[database_url] = JobQueue(storage)  # type: ignore[arg-type]
+        return queue
+
+
+@shared_task(name=RUN_JOB, ignore_result=True, acks_late=True)
+def run_job(database_url: str, job_id: int | None = None) -> list[int]:
+    """Wake-up for jobs of the database at ``database_url``: claim and run eligible jobs until none is
+    left (``job_id`` only names the job this message was sent for; the database decides what runs, by
+    priority and per-user limits). Idempotent: a message whose job is taken or finished runs nothing."""
+    from workers.execution import drain
+
+    queue = _job_queue(database_url)
+    return drain(queue)

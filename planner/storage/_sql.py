@@ -13,7 +13,9 @@ frozen records. Concurrency is handled by the database, not by hope:
   (a transaction-scoped advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) before
   ``max(version) + 1`` is read, and the unique ``(graph, version)`` constraint backs it up with a retry;
 - samples: ``INSERT ... ON CONFLICT DO NOTHING`` on the unique sample key, so adding a stored sample
-  again, from any process, keeps the first.
+  again, from any process, keeps the first. Their commit does not wait for the disk on PostgreSQL
+  (``relax_commit``): a crash of the database server may lose the last fraction of a second of them,
+  which are then generated again; a crash of the process that stored them loses nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, func, text, update
+from sqlalchemy import Engine, bindparam, func, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -43,6 +45,7 @@ from planner.storage.database import (
     ensure_schema,
     make_engine,
     mask_url,
+    relax_commit,
     session_scope,
     storage_error,
 )
@@ -58,7 +61,7 @@ from planner.storage.tables import (
 )
 from planner.trial import FrozenTrial, StudyRecord, TrialState
 
-__all__ = ["SQLStorage"]
+__all__ = ["SQLStorage", "insert_graph_version", "insert_plan", "lock_graph", "plan_texts", "version_record"]
 
 _NEW_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.REJECTED)
 _OPEN_STATES = (TrialState.WAITING.value, TrialState.RUNNING.value)
@@ -93,6 +96,11 @@ def _study_record(row: StudyRow) -> StudyRecord:
     )
 
 
+def version_record(row: GraphVersionRow) -> GraphVersion:
+    """A stored version row as the frozen record storage returns."""
+    return _graph_version(row)
+
+
 def _graph_version(row: GraphVersionRow) -> GraphVersion:
     assert row.id is not None
     return GraphVersion(
@@ -110,6 +118,35 @@ def _graph_version(row: GraphVersionRow) -> GraphVersion:
 def _graph_lock_key(graph: str) -> int:
     """A stable signed 64-bit key for PostgreSQL's advisory lock on one graph name."""
     return zlib.crc32(b"allot-graph:" + graph.encode()) - 2**31
+
+
+def lock_graph(session: Session, graph: str) -> None:
+    """Serialise writers of one graph's versions for the rest of the transaction (PostgreSQL advisory
+    lock; on SQLite the transaction's ``BEGIN IMMEDIATE`` already did)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_graph_lock_key(graph)))
+
+
+def insert_graph_version(
+    session: Session, graph: str, definition: dict[str, Any], cause: str = "", parent_id: int | None = None
+) -> GraphVersion:
+    """Add the next version of ``graph`` in ``session``'s transaction (hold ``lock_graph`` first)."""
+    if parent_id is not None and session.get(GraphVersionRow, parent_id) is None:
+        raise KeyError(f"no graph version with id {parent_id}")
+    last = session.exec(select(func.max(GraphVersionRow.version)).where(GraphVersionRow.graph == graph)).one()
+    row = GraphVersionRow(
+        graph=graph,
+        version=1 if last is None else last + 1,
+        parent_id=parent_id,
+        definition=strict_json(definition, "definition"),
+        cause=str(cause),
+        pinned=False,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    session.refresh(row)
+    return _graph_version(row)
 
 
 def _frozen_trial(row: TrialRow, plan_text: str) -> FrozenTrial:
@@ -179,6 +216,11 @@ class SQLStorage(BaseStorage):
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def transaction(self, *, write: bool = False) -> AbstractContextManager[Session]:
+        """One transaction on Allot's schema, for code that owns other tables of it (jobs, tokens,
+        feedback); ``write=True`` takes SQLite's write lock first. Driver failures become ``StorageError``."""
+        return self._transaction(write=write)
 
     @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[Session]:
@@ -404,6 +446,12 @@ class SQLStorage(BaseStorage):
             raise KeyError(f"plan id prefix {plan_id!r} matches several plans: give more characters")
         return _plan_from_json(matches[0][1])
 
+    def add_plan(self, plan: Plan) -> str:
+        """Store ``plan`` (once, by its id) without a trial, e.g. the plan a job runs; returns its id."""
+        with self._transaction(write=True) as session:
+            _insert_plan(session, plan, plan.canonical_json())
+        return plan.plan_id
+
     # graph versions
 
     def add_graph_version(
@@ -415,24 +463,8 @@ class SQLStorage(BaseStorage):
         for attempt in range(_NUMBER_RETRIES):
             try:
                 with self._transaction(write=True) as session:
-                    if session.get_bind().dialect.name == "postgresql":
-                        session.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_graph_lock_key(graph)))
-                    if parent_id is not None and session.get(GraphVersionRow, parent_id) is None:
-                        raise KeyError(f"no graph version with id {parent_id}")
-                    last = session.exec(select(func.max(GraphVersionRow.version)).where(GraphVersionRow.graph == graph)).one()
-                    row = GraphVersionRow(
-                        graph=graph,
-                        version=1 if last is None else last + 1,
-                        parent_id=parent_id,
-                        definition=stored,
-                        cause=str(cause),
-                        pinned=False,
-                        created_at=utcnow(),
-                    )
-                    session.add(row)
-                    session.flush()
-                    session.refresh(row)
-                    return _graph_version(row)
+                    lock_graph(session, graph)
+                    return insert_graph_version(session, graph, stored, cause, parent_id)
             except IntegrityError as exc:  # two writers took the same version: the loser tries again
                 if attempt == _NUMBER_RETRIES - 1:
                     raise StorageError(f"could not number a new version of graph {graph!r}: {exc.orig}") from exc
@@ -490,6 +522,7 @@ class SQLStorage(BaseStorage):
         table = SampleRow.__table__
         keys = ["model", "prompt_hash", "params_hash", "sample_index"]
         with self._transaction(write=True) as session:
+            relax_commit(session)
             dialect = session.get_bind().dialect.name
             if dialect in ("postgresql", "sqlite"):
                 insert = pg_insert if dialect == "postgresql" else sqlite_insert
@@ -539,6 +572,32 @@ def _sample_values(sample: SampleRecord) -> dict[str, Any]:
         "usd": sample.usd,
         "created_at": utcnow(),
     }
+
+
+@lru_cache(maxsize=4096)
+def plan_texts(plan: Plan) -> tuple[str, str]:
+    """A plan's canonical JSON and summary (plans are values: computed once per process)."""
+    return plan.canonical_json(), plan.summary()
+
+
+_PLAN_INSERTS = {
+    name: insert(PlanRow.__table__)  # type: ignore[attr-defined]
+    .values(plan_id=bindparam("p_id"), plan=bindparam("p_text"), summary=bindparam("p_summary"), created_at=bindparam("p_at"))
+    .on_conflict_do_nothing(index_elements=["plan_id"])
+    for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
+"""``INSERT ... ON CONFLICT DO NOTHING`` of a plan, built once per dialect (jobs store one each)."""
+
+
+def insert_plan(session: Session, plan: Plan) -> None:
+    """Store ``plan`` in ``session``'s transaction unless it is stored already (plans are values)."""
+    text, summary = plan_texts(plan)
+    statement = _PLAN_INSERTS.get(session.get_bind().dialect.name)
+    if statement is not None:
+        values = {"p_id": plan.plan_id, "p_text": text, "p_summary": summary, "p_at": utcnow()}
+        session.connection().execute(statement, values)
+    else:
+        _insert_plan(session, plan, text)
 
 
 def _insert_plan(session: Session, plan: Plan, plan_text: str) -> None:

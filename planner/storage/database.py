@@ -11,6 +11,7 @@ this Allot) become one-line ``StorageError`` messages that name the URL, passwor
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -19,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
@@ -36,6 +37,7 @@ __all__ = [
     "make_engine",
     "mask_url",
     "migration_transaction",
+    "relax_commit",
     "session_scope",
     "storage_error",
     "upgrade",
@@ -83,7 +85,10 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     any thread, and real ``BEGIN`` statements instead of pysqlite's implicit ones so that a transaction
     covers its reads too (``session_scope(write=True)`` takes the write lock up front). In-memory SQLite
     shares one connection, or every connection would see its own empty database.
-    PostgreSQL: ``pool_pre_ping`` so a restarted server costs a reconnect, not a failed command.
+    PostgreSQL: a connection taken from the pool is pinged first if it has been idle for ``PING_IDLE_S``
+    or more, so a restarted server costs a reconnect, not a failed command (a connection used a moment ago
+    is not: a ping per transaction is a round trip per transaction; were the server restarted in that
+    moment, the command fails with ``StorageError`` and the pool reconnects for the next one).
     """
     try:
         parsed = make_url(url)
@@ -101,11 +106,38 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
             engine = create_engine(parsed, connect_args=connect_args, **kwargs)
             _configure_sqlite(engine)
             return engine
-        if backend == "postgresql":
-            kwargs.setdefault("pool_pre_ping", True)
+        if backend == "postgresql" and "pool_pre_ping" not in kwargs:
+            engine = create_engine(parsed, **kwargs)
+            _ping_when_idle(engine)
+            return engine
         return create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as exc:
         raise StorageError(f"no driver for database URL {mask_url(parsed)}: {exc}") from exc
+
+
+PING_IDLE_S = 1.0
+"""A pooled PostgreSQL connection idle this long is pinged before use (see ``make_engine``)."""
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """``pool_pre_ping``, but only for connections that have been idle for ``PING_IDLE_S``."""
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["allot_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("allot_idle_since")
+        if since is not None and time.monotonic() - since < PING_IDLE_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool discards this connection and checks out another
+            raise DisconnectionError(f"connection lost while idle: {exc}") from exc
+        if not alive:
+            raise DisconnectionError("connection lost while idle")
 
 
 def _enable_wal(cursor: Any) -> None:
@@ -164,6 +196,20 @@ def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def relax_commit(session: Session) -> None:
+    """Let this transaction's commit return before its WAL reaches the disk (PostgreSQL's
+    ``synchronous_commit = off`` for this transaction only; nothing on SQLite).
+
+    For writes whose loss in a crash of the database *server* is harmless because they are redone or
+    superseded: heartbeats, a job's claim and plan (a lost claim re-queues the job and the attempt's
+    conditional writes then fail), samples (regenerated). The transaction is atomic and visible at once
+    as usual, and a later synchronous commit (of any session) makes it durable too: the log is flushed
+    in order. Never for what a caller is told is stored (a submission, a job's result, a graph version).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.exec(text("SET LOCAL synchronous_commit TO OFF"))  # type: ignore[call-overload]
 
 
 def _reason(exc: BaseException) -> str:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -49,12 +50,14 @@ __all__ = [
     "TRIAL_STATES",
     "AllotTable",
     "CatalogEntryRow",
+    "FeedbackRow",
     "GraphVersionRow",
     "JobRow",
     "PlanRow",
     "SampleRow",
     "StudyRow",
     "TaskRow",
+    "TokenRow",
     "TrialRow",
     "UTCDateTime",
     "finite_scores",
@@ -280,11 +283,23 @@ class JobRow(AllotTable, table=True):
     running jobs whose heartbeat stopped."""
 
     __tablename__ = "allot_jobs"
-    __table_args__ = (UniqueConstraint("idempotency_key"), _state_check(JOB_STATES))
+    __table_args__ = (
+        UniqueConstraint("idempotency_key"),
+        _state_check(JOB_STATES),
+        Index("ix_allot_jobs_claim", "state", "priority", "id"),  # the claim query's order
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     task_id: int | None = Field(default=None, foreign_key="allot_tasks.id")
     state: str = Field(default="queued", sa_type=String(16), index=True)
+    attempt: int = Field(default=0, sa_type=Integer)
+    """How many times a worker claimed this job; a worker may only finish the attempt it claimed."""
+    max_concurrent: int | None = Field(default=None, sa_type=Integer)
+    """Most jobs of ``owner`` that may run at once (from the submitting token); ``None``: no limit."""
+    dispatched_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    """When a queue message for this job was last sent; the reaper re-sends one for a job queued too long."""
+    score: float | None = Field(default=None, sa_type=Float)
+    latency_s: float | None = Field(default=None, sa_type=Float)
     input: dict[str, Any] = Field(sa_column=_json())
     plan_id: str | None = Field(default=None, sa_type=String(64), foreign_key="allot_plans.plan_id")
     graph_version_id: int | None = Field(default=None, foreign_key="allot_graph_versions.id")
@@ -304,3 +319,41 @@ class JobRow(AllotTable, table=True):
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     error: str | None = Field(default=None, sa_type=Text)
+
+
+class TokenRow(AllotTable, table=True):
+    """An API token: only its sha256 is stored. ``scope`` is ``read`` or ``write`` (write implies read)."""
+
+    __tablename__ = "allot_tokens"
+    __table_args__ = (UniqueConstraint("token_hash"), UniqueConstraint("name"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_type=String)
+    owner: str = Field(sa_type=String)
+    token_hash: str = Field(sa_type=String(64))
+    scope: str = Field(sa_type=String(16))
+    max_concurrent: int | None = Field(default=None, sa_type=Integer)
+    created_at: datetime = _created_at()
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class FeedbackRow(AllotTable, table=True):
+    """One piece of evidence about a job's plan: its own scored result or a user's later feedback.
+
+    Pending rows (``applied_version_id`` null) are what the next update of ``graph`` learns from; the
+    version they went into is recorded so every change of a learned graph can be traced to its jobs.
+    """
+
+    __tablename__ = "allot_feedback"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(sa_type=Integer, foreign_key="allot_jobs.id", index=True, ondelete="CASCADE", nullable=False)
+    graph: str = Field(sa_type=String, index=True)
+    score: float = Field(sa_type=Float)
+    source: str = Field(sa_type=String(16))
+    """``result`` (scored when the job finished) or ``user`` (posted later)."""
+    answer: str | None = Field(default=None, sa_type=Text)
+    comment: str | None = Field(default=None, sa_type=Text)
+    owner: str | None = Field(default=None, sa_type=String)
+    applied_version_id: int | None = Field(default=None, foreign_key="allot_graph_versions.id", ondelete="SET NULL")
+    created_at: datetime = _created_at()

@@ -11,16 +11,15 @@ Pages (HTML, Jinja2 templates in ``templates/``, client-side sorting and plots i
     /graphs/{graph}/diff?a=&b=          what changed between two versions, and why
     /jobs, /jobs/{id}                   recent jobs; one job's per-stage outputs
 
-JSON (read-only unless noted)::
+JSON: the REST API (``workers.api``) under ``/api/v1`` and ``/api``: jobs, tasks, studies, trials, plans,
+learned graphs, pin and roll back; it needs an API token (``allot token create``). Its OpenAPI spec is
+``/openapi.json`` (also ``/api/openapi.json``), shown at ``/docs``.
 
-    /api/studies, /api/studies/{name}, /api/studies/{name}/trials, /api/plans/{id}, /api/graphs,
-    /api/graphs/{graph}/versions[/{n}], /api/graphs/{graph}/diff?a=&b=, /api/jobs[/{id}]
-    POST /api/graphs/{graph}/versions/{n}/pin       {"pinned": true|false}      (write token)
-    POST /api/graphs/{graph}/versions/{n}/rollback                              (write token)
-
-The HTML forms post to the same actions without ``/api`` and are redirected back to the graph page.
-A write needs ``Authorization: Bearer <token>`` or a ``token`` form field equal to the app's write
-token: none given is 401, a wrong one (or a server started without a token) is 403, and nothing changes.
+The pages need no token (bind the server to loopback, or put it behind a proxy that authenticates).
+The HTML forms post pin and roll back to the API's actions without ``/api`` and are redirected back to
+the graph page. They need, in the ``token`` form field or ``Authorization: Bearer``, the app's legacy
+write token or a write-scope API token: none given is 401, a wrong one or a read-scope token is 403
+(also when the server has neither a write token nor a token table), and nothing changes.
 """
 
 from __future__ import annotations
@@ -43,7 +42,9 @@ from starlette.exceptions import HTTPException
 from graphs.drawing import plan_stage_drawing, probabilistic_drawing
 from graphs.errors import AllotError
 from planner import views
-from planner.storage import BaseStorage
+from planner.storage import BaseStorage, SQLStorage
+from workers.api import API_VERSION, DEFAULT_MAX_BODY_BYTES, describe_operations, install_api
+from workers.tokens import TokenScope, TokenStore
 
 __all__ = ["create_review_app", "plotly_js_path"]
 
@@ -82,33 +83,59 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def create_review_app(storage: BaseStorage, write_token: str | None = None) -> FastAPI:
-    """The review app over ``storage``.
+def create_review_app(
+    storage: BaseStorage,
+    write_token: str | None = None,
+    *,
+    broker_url: str | None = None,
+    queue: str | None = None,
+    dispatcher: Any | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The review app over ``storage``, with the REST API (``workers.api``).
 
     Args:
         storage: where studies, plans, graph versions and jobs are read (and pins and rollbacks written).
-        write_token: the secret a client must present to pin or roll back; ``None`` disables writes.
+        write_token: a legacy secret that may pin and roll back (as may write-scope API tokens).
+        broker_url, queue: where submitted jobs' messages go (default ``ALLOT_BROKER_URL``, else embedded).
+        dispatcher: a ``workers.dispatch.Dispatcher`` to use instead (tests).
+        max_body_bytes: larger request bodies are refused with 413.
 
     Returns:
         A FastAPI app; serve it with ``uvicorn.run(app)`` (``allot serve`` does).
     """
-    # no Swagger UI: it loads its scripts from a CDN, and this app must work offline
-    app = FastAPI(title="Allot review", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    # /docs is rendered here, not by Swagger UI: that loads its scripts from a CDN, and this app must work offline
+    app = FastAPI(
+        title="Allot",
+        version=API_VERSION,
+        summary="Run learned compute-allocation plans as jobs; review studies and learned graphs.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     templates = _templates()
     token = write_token or None
+    tokens = TokenStore(storage) if isinstance(storage, SQLStorage) else None
 
     def page(name: str, request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
-        html = templates.get_template(name).render(request=request, writes=token is not None, **context)
+        writes = token is not None or tokens is not None
+        html = templates.get_template(name).render(request=request, writes=writes, **context)
         return HTMLResponse(html, status_code=status_code)
 
     def authorize(request: Request, given: str | None) -> None:
-        given = _bearer(request) or given
-        if token is None:
+        """The form actions: the legacy write token or a write-scope API token (the form's field first)."""
+        given = given or _bearer(request)
+        if token is None and tokens is None:
             raise HTTPException(403, "writes are disabled: start `allot serve` with --write-token (or ALLOT_WRITE_TOKEN)")
         if not given:
-            raise HTTPException(401, "a write token is required (Authorization: Bearer <token>, or the form's token field)")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "a write token is required (the form's token field, or Authorization: Bearer <token>)")
+        if token is not None and hmac.compare_digest(given.encode(), token.encode()):
+            return
+        api_token = tokens.verify(given) if tokens is not None else None
+        if api_token is None:
             raise HTTPException(403, "wrong write token")
+        if not api_token.scope.allows(TokenScope.WRITE):
+            raise HTTPException(403, f"token {api_token.name!r} is read-only: pin and roll back need a write-scope token")
 
     def found(call: Any, *args: Any, **kwargs: Any) -> Any:
         """Storage lookups: an unknown name or id is a 404 with the lookup's message."""
@@ -121,7 +148,9 @@ def create_review_app(storage: BaseStorage, write_token: str | None = None) -> F
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = dict(exc.headers or {})
+        if exc.status_code == 401:
+            headers.setdefault("WWW-Authenticate", "Bearer")
         if request.url.path.startswith("/api"):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
         response = page("error.html", request, status_code=exc.status_code, status=exc.status_code, detail=exc.detail)
@@ -251,12 +280,12 @@ def create_review_app(storage: BaseStorage, write_token: str | None = None) -> F
 
     async def _pin(request: Request, graph: str, version: int) -> Any:
         form = await _form(request)
-        authorize(request, form.get("token"))
+        await run_in_threadpool(authorize, request, form.get("token"))
         return await run_in_threadpool(found, views.set_pinned, storage, graph, version, _truthy(form.get("pinned")))
 
     async def _rollback(request: Request, graph: str, version: int) -> Any:
         form = await _form(request)
-        authorize(request, form.get("token"))
+        await run_in_threadpool(authorize, request, form.get("token"))
         return await run_in_threadpool(found, views.rollback, storage, graph, version)
 
     @app.post("/graphs/{graph}/versions/{version}/pin", include_in_schema=False)
@@ -277,58 +306,23 @@ def create_review_app(storage: BaseStorage, write_token: str | None = None) -> F
     def job_page(request: Request, job_id: int) -> HTMLResponse:
         return page("job.html", request, job=found(views.job_view, storage, job_id))
 
-    # -- JSON ----------------------------------------------------------------------------------------------
+    # -- the REST API (workers/api.py) and its docs ---------------------------------------------------------
 
-    @app.get("/api/studies")
-    def api_studies() -> list[dict[str, Any]]:
-        return views.study_summaries(storage)
+    install_api(
+        app,
+        storage,
+        write_token=token,
+        dispatcher=dispatcher,
+        broker_url=broker_url,
+        queue=queue,
+        max_body_bytes=max_body_bytes,
+    )
 
-    @app.get("/api/studies/{name}")
-    def api_study(name: str) -> dict[str, Any]:
-        detail = found(views.study_detail, storage, name)
-        return {key: value for key, value in detail.items() if key != "trials"}
-
-    @app.get("/api/studies/{name}/trials")
-    def api_trials(name: str) -> list[dict[str, Any]]:
-        return found(views.study_detail, storage, name)["trials"]
-
-    @app.get("/api/plans/{plan_id}")
-    def api_plan(plan_id: str) -> dict[str, Any]:
-        return found(views.plan_view, storage, plan_id)
-
-    @app.get("/api/graphs")
-    def api_graphs() -> list[dict[str, Any]]:
-        return views.graph_list(storage)
-
-    @app.get("/api/graphs/{graph}/versions")
-    def api_versions(graph: str) -> list[dict[str, Any]]:
-        return [views.version_record(v) for v in found(storage.get_graph_versions, graph)]
-
-    @app.get("/api/graphs/{graph}/versions/{version}")
-    def api_version(graph: str, version: int) -> dict[str, Any]:
-        out = found(views.version_view, storage, graph, version)
-        out["definition"] = views.graph_version(storage, graph, version).definition
-        return out
-
-    @app.get("/api/graphs/{graph}/diff")
-    def api_diff(graph: str, a: int, b: int) -> dict[str, Any]:
-        return found(views.version_diff, storage, graph, a, b)
-
-    @app.post("/api/graphs/{graph}/versions/{version}/pin")
-    async def api_pin(request: Request, graph: str, version: int) -> dict[str, Any]:
-        return views.version_record(await _pin(request, graph, version))
-
-    @app.post("/api/graphs/{graph}/versions/{version}/rollback")
-    async def api_rollback(request: Request, graph: str, version: int) -> dict[str, Any]:
-        return views.version_record(await _rollback(request, graph, version))
-
-    @app.get("/api/jobs")
-    def api_jobs(limit: int = 50) -> list[dict[str, Any]]:
-        return views.recent_jobs(storage, limit=max(1, min(limit, 1000)))
-
-    @app.get("/api/jobs/{job_id}")
-    def api_job(job_id: int) -> dict[str, Any]:
-        return found(views.job_view, storage, job_id)
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_docs(request: Request) -> HTMLResponse:
+        spec = app.openapi()
+        schemas = sorted(spec.get("components", {}).get("schemas", {}).items())
+        return page("api.html", request, spec=spec, operations=describe_operations(spec), schemas=schemas)
 
     return app
 
