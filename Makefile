@@ -41,8 +41,11 @@ test: $(STAMP) $(LLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-# The replay scorer's throughput; the sample-reuse saving of a live 20-trial study on the llama.cpp server.
+# Every benchmark: replay scoring, planner step, executor overhead and the sample-reuse saving on the
+# llama.cpp server, the job service's throughput against a bare Celery task.
 bench: $(STAMP) $(LLM_STAMP)
 	$(BIN)/python benchmarks/replay_throughput.py
+	$(BIN)/python benchmarks/planner_step.py
+	$(BIN)/python benchmarks/executor_overhead.py
 	$(BIN)/python benchmarks/sample_reuse.py
 	$(BIN)/python benchmarks/service_throughput.py

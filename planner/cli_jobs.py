@@ -273,7 +273,7 @@ def submit(
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
     idempotency_key: Annotated[str | None, typer.Option(help="Submitting again with this key returns the same job.")] = None,
     budget: Annotated[float | None, typer.Option(help="A smaller hard budget than the task's, in --unit.")] = None,
-    unit: Annotated[str | None, typer.Option(help="Unit of --budget (default: the task's).")] = None,
+    unit: Annotated[str | None, typer.Option(help="Unit of --budget: must be the task's (its default).")] = None,
     plan: Annotated[str | None, typer.Option(help="Run this stored plan (id) instead of the learned graph's.")] = None,
     graph_version: Annotated[int | None, typer.Option(help="Follow this version of the task's graph.")] = None,
     owner: Annotated[str | None, typer.Option(help="Whose job it is (the REST API sets it from the token).")] = None,
