@@ -1,6 +1,6 @@
 """Review commands of the ``allot`` CLI: ``allot serve`` (the review page) and ``allot graph ...``.
 
-``allot graph list|show|diff|export`` render what the review page shows of learned graphs in the
+``allot graph list|show|diff|pin|rollback|export`` render what the review page shows of learned graphs in the
 terminal with rich, or write it to a file (Graphviz DOT, JSON, SVG, or PNG of the page's drawing).
 Registered on the main app by ``planner.cli``; errors end with one ``error:`` line and exit code 1.
 """
@@ -197,6 +197,42 @@ def _print_stage_diff(stage: dict[str, Any]) -> None:
     hidden = len(stage["edge_changes"]) - len(edges)
     if hidden:
         console.print(f"  [dim]{hidden} edge(s) moved by less than {views.SHOWN_CHANGE:g}: not listed[/]")
+
+
+# -- pin / rollback -------------------------------------------------------------------------------------------------
+
+
+@graph_app.command("pin")
+def graph_pin(
+    graph: Annotated[str, typer.Argument(help="Graph name.")],
+    version: Annotated[int, typer.Argument(help="Version to pin.")],
+    unpin: Annotated[bool, typer.Option("--unpin", help="Unpin it instead.")] = False,
+    database: DatabaseOption = None,
+) -> None:
+    """Pin a version: new jobs follow the newest pinned version instead of the newest one."""
+    try:
+        storage = get_storage(database)
+        _lookup(storage, graph, version)
+        record = views.set_pinned(storage, graph, version, not unpin)
+        console.print(f"{escape(graph)} v{record.version} {'pinned' if record.pinned else 'unpinned'}")
+    except AllotError as exc:
+        raise _fail(str(exc)) from None
+
+
+@graph_app.command("rollback")
+def graph_rollback(
+    graph: Annotated[str, typer.Argument(help="Graph name.")],
+    version: Annotated[int, typer.Argument(help="Version to make current again.")],
+    database: DatabaseOption = None,
+) -> None:
+    """Make an older version current again, as a new version copying it (history is never rewritten)."""
+    try:
+        storage = get_storage(database)
+        _lookup(storage, graph, version)
+        record = views.rollback(storage, graph, version)
+        console.print(f"{escape(graph)} v{record.version}: {escape(record.cause or '')}")
+    except AllotError as exc:
+        raise _fail(str(exc)) from None
 
 
 # -- export ---------------------------------------------------------------------------------------------------------

@@ -392,3 +392,29 @@ def test_cli_graph_export(allot, db_url: str, storage: BaseStorage, tmp_path: Pa
     )
     assert done.returncode == 0, done.stderr
     assert out.read_bytes().startswith(PNG_MAGIC) and out.stat().st_size > 10_000
+
+
+def test_cli_graph_pin_and_rollback(allot, storage: BaseStorage) -> None:  # type: ignore[no-untyped-def]
+    """Pinning steers new jobs to that version; a rollback appends a copy of an old version, history kept."""
+    from workers.service import current_version
+
+    before = storage.get_graph_versions("graphs")
+    newest = before[-1].version
+    assert current_version(storage, "graphs").version == newest
+    pinned = allot("graph", "pin", "graphs", "1")
+    assert pinned.exit_code == 0 and "graphs v1 pinned" in pinned.output, pinned.output
+    assert current_version(storage, "graphs").version == 1
+    unpinned = allot("graph", "pin", "graphs", "1", "--unpin")
+    assert unpinned.exit_code == 0 and "graphs v1 unpinned" in unpinned.output
+    assert current_version(storage, "graphs").version == newest
+
+    rolled = allot("graph", "rollback", "graphs", "1")
+    assert rolled.exit_code == 0, rolled.output
+    after = storage.get_graph_versions("graphs")
+    assert [v.version for v in after] == [*[v.version for v in before], newest + 1]
+    assert after[-1].cause == "rollback to v1" and after[-1].definition == before[0].definition
+    assert current_version(storage, "graphs").version == newest + 1
+    for args in (("graph", "pin", "graphs", "99"), ("graph", "rollback", "graphs", "99"), ("graph", "rollback", "nope", "1")):
+        bad = allot(*args)
+        assert bad.exit_code == 1 and "error:" in bad.output, bad.output
+    assert len(storage.get_graph_versions("graphs")) == len(after)  # a failed command stores nothing
