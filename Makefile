@@ -49,3 +49,4 @@ bench: $(STAMP) $(LLM_STAMP)
 	$(BIN)/python benchmarks/executor_overhead.py
 	$(BIN)/python benchmarks/sample_reuse.py
 	$(BIN)/python benchmarks/service_throughput.py
+	$(BIN)/python benchmarks/heldout.py

@@ -1,0 +1,67 @@
+"""benchmarks/heldout.py: the variants it derives really differ from the source in what they claim, and
+the bench runs on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from executors.replay_data import bundled_data_dir, load_benchmark
+from planner.bench import BenchConfig, run_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("heldout_bench", ROOT / "benchmarks" / "heldout.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+heldout = _load()
+
+
+def test_variants_change_problems_probes_costs_and_models(tmp_path: Path) -> None:
+    source = bundled_data_dir()
+    made = heldout.make_variants(source, tmp_path)
+    assert {name for _, name in made} == {f"{b}-{v}" for b in ("aime24", "aime25") for v in heldout.VARIANTS}
+    original = load_benchmark(source, "aime24")
+    n = len(original.problems)
+    by_size = sorted(original.specs, key=lambda m: original.specs[m].params_b)
+
+    noprobe = load_benchmark(tmp_path / "noprobe", "aime24-noprobe")
+    assert noprobe.probe_every == 0 and original.probe_every > 0
+    assert len(noprobe.problems) == round(0.75 * n)
+    assert {p.id for p in noprobe.problems} < {p.id for p in original.problems}
+
+    moe = load_benchmark(tmp_path / "moe", "aime24-moe")
+    largest = moe.specs[by_size[-1]]
+    assert largest.active_params_b == round(heldout.MOE_ACTIVE_SHARE * largest.params_b, 3)
+    assert moe.specs[by_size[0]].active_params == original.specs[by_size[0]].active_params
+    # The same samples, in another order: the per-problem answer multisets agree, the sequences do not.
+    model = by_size[-1]
+    assert [sorted(a) for a in moe.records[model].answers] == [sorted(a) for a in original.records[model].answers]
+    assert moe.records[model].answers != original.records[model].answers
+
+    dropped = load_benchmark(tmp_path / "dropped", "aime24-dropped")
+    assert set(dropped.records) == set(original.records) - {by_size[len(by_size) // 2]}
+
+
+def test_bench_runs_on_the_variants_and_summarises(tmp_path: Path) -> None:
+    made = [m for m in heldout.make_variants(bundled_data_dir(), tmp_path) if m[1].startswith("aime25")]
+    envs = heldout.environments(made)
+    config = BenchConfig(budgets=(0.1,), trials=6, seeds=1, strategies=("insight", "random"))
+    result = run_bench(config, environments=envs)
+    assert not result.errors, result.errors
+    lines = heldout.summarise(result, ("insight", "random"))
+    rows = [line for line in lines if line.startswith("| aime25-") or line.startswith("| simulated")]
+    assert len(rows) == len(envs) == 5
+    assert lines[-2].startswith("insight: within 0.5 pt") and lines[-1].startswith("random: within 0.5 pt")
+    for row in result.results:
+        assert row["optimum"] is not None
+        assert row["strategies"]["insight"]["regret_mean"] >= -1e-9  # nothing beats the exhaustive optimum
