@@ -153,7 +153,7 @@ def test_agent_reinforce_with_a_real_planner(
             outcomes.append(f"select: parsed, picks {[p['stages'][0]['nodes'][0]['model'] for p in selection['chosen']]}")
         else:
             reason = first.strategy_info["fallback"]
-            assert selection["source"] == "insight" and reason.startswith("planner ")
+            assert selection["source"] == "coverage" and reason.startswith("planner ")
             assert first.strategy_info["planner_errors"] and reason in first.rationale
             outcomes.append(f"select: fallback ({reason})")
         assert all(t.planner_cost == Cost() for t in trials[1:4])  # pre-test 2 and the first samples asked nothing

@@ -308,18 +308,23 @@ def test_agent_searches_within_the_rules(request: pytest.FixtureRequest, which: 
         assert cost > 0
         assert any(u["violation_count"] > 0 for u in updates)  # it raised unproven edges: clipped
     elif planner == "garbage":
-        assert selection["source"] == "insight"
-        assert "unusable" in tests[0].strategy_info["fallback"] and "insight" in tests[0].rationale
+        assert selection["source"] == "coverage"
+        assert "unusable" in tests[0].strategy_info["fallback"] and "coverage rule" in tests[0].rationale
         assert all(u["method"] == "numeric" and "unusable" in u["fallback"] for u in updates)
         assert cost > 0  # garbage still costs tokens, and is counted
         assert tests[0].strategy_info["planner_attempts"] == 3
     elif planner == "over-budget":
-        assert selection["source"] == "insight"
+        assert selection["source"] == "coverage"
         assert any("over budget" in note for note in selection["discarded"])
         assert updates[0]["method"] == "planner" and updates[0]["violation_count"] > 0
     else:
-        assert selection["source"] == "insight"
+        assert selection["source"] == "coverage"
         assert tests[0].strategy_info["fallback"] == "no planner model configured"
+        # the coverage rule: one model per stage in each pre-test, every model of every stage pre-tested
+        assert all(len(stage.nodes) == 1 for t in tests for stage in t.plan.stages)
+        space = study.space
+        every = {(stage, model) for stage in space.stages for model in space.stage_models[stage]}
+        assert {(st.stage, node.model) for t in tests for st in t.plan.stages for node in st.nodes} == every
         assert all(u["method"] == "numeric" for u in updates)
         assert cost == 0
     # after the planner's iterations, updates are numeric

@@ -27,8 +27,9 @@ reads where the search stands from ``context.trials`` and routes::
   only if the graphs that used it scored above the batch mean); what it clips is reported.
 
 Fallbacks, recorded in ``info["fallback"]`` and the rationale: without a planner model, or when its
-answer is unusable after re-asking (or a rewrite cannot be applied at all), ``select`` takes
-``InsightStrategy``'s proposals and ``update`` takes the numeric REINFORCE step
+answer is unusable after re-asking (or a rewrite cannot be applied at all), ``select`` takes the
+coverage rule (one model per stage, every model of every stage pre-tested once, at the most budget-using
+count) and ``update`` takes the numeric REINFORCE step
 (``planner.strategies._reinforce``); after ``iterations`` planner updates the numeric step continues
 alone, so the planner's cost is bounded.
 
@@ -56,7 +57,6 @@ from graphs.probabilistic import ProbabilisticGraph, Violation
 from planner.llm import PlannerCall, PlannerLLM
 from planner.space import StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
-from planner.strategies._insight import InsightStrategy
 from planner.strategies._reinforce import (
     GraphState,
     apply_step,
@@ -159,7 +159,7 @@ class AgentReinforceStrategy(Strategy):
 
     Args:
         seed: seeds the sampling stream (with the number of trials so far).
-        planner_model: any litellm route; ``None`` runs the fallbacks (insight selection, numeric updates).
+        planner_model: any litellm route; ``None`` runs the fallbacks (coverage selection, numeric updates).
         api_base: the planner's endpoint (a vLLM server), if not the provider's default.
         batch: pre-tests, and sampled graphs per update.
         iterations: planner updates of the graph; later updates are numeric.
@@ -357,8 +357,8 @@ class AgentReinforceStrategy(Strategy):
                     fallback = f"planner picked nothing usable ({'; '.join(notes[:3]) or 'no picks'})"
         source = "planner"
         if fallback:
-            source = "insight"
-            chosen = self._insight_picks(context, candidates)
+            source = "coverage"
+            chosen = self._coverage_picks(context, candidates)
         selection = {
             "role": "pretest",
             "iteration": 0,
@@ -397,24 +397,27 @@ class AgentReinforceStrategy(Strategy):
                 chosen.append(plan)
         return chosen, notes
 
-    def _insight_picks(self, context: StudyContext, candidates: Sequence[Plan]) -> list[Plan]:
-        """``InsightStrategy``'s proposals on the solver-only trials; the shortlist where it has none."""
-        plain = tuple(t for t in context.trials if _solver_only(t.plan))
+    def _coverage_picks(self, context: StudyContext, candidates: Sequence[Plan]) -> list[Plan]:
+        """Without a planner, pre-test combinations that between them put every model on every stage once
+        (insight 1: stages prefer different models), each the most budget-using combination of its models,
+        with one model per stage so that a score speaks for its models and not for a pairing. Greedy: the
+        candidate adding the most untested (stage, model) pairs, ties to the one spending most; at least
+        ``batch`` of them."""
+        space = context.space
+        wanted = max([self.batch, *(len(space.stage_models[s]) for s in space.stages)])
+        single = [plan for plan in candidates if all(len(stage.nodes) == 1 for stage in plan.stages)]
+        left = list(single or candidates)  # most budget-using first
+        covered: set[tuple[str, str]] = set()
         chosen: list[Plan] = []
-        try:
-            insight = InsightStrategy(seed=self.seed)
-            proposals = insight.propose(replace(context, trials=plain), self.batch)
-        except Exception:  # the heuristic failing must not stop the search: the shortlist stands in
-            proposals = []
-        for proposal in proposals:
-            if fits(context, proposal.plan) and proposal.plan.plan_id not in {p.plan_id for p in chosen}:
-                chosen.append(proposal.plan)
-        for plan in candidates:
-            if len(chosen) >= self.batch:
+        while left and len(chosen) < wanted:
+            gains = [len(_pairs(plan) - covered) for plan in left]
+            best = max(range(len(left)), key=lambda i: gains[i])  # the first, most spending, of equals
+            if gains[best] == 0 and len(chosen) >= self.batch:
                 break
-            if plan.plan_id not in {p.plan_id for p in chosen}:
-                chosen.append(plan)
-        return chosen[: self.batch]
+            plan = left.pop(best)
+            chosen.append(plan)
+            covered |= _pairs(plan)
+        return chosen
 
     # (c) pretest
 
@@ -436,12 +439,12 @@ class AgentReinforceStrategy(Strategy):
             info: dict[str, Any] = {self.name: tag}
             if fallback:
                 info["fallback"] = fallback
-            source = {"planner": "the planner", "insight": "the insight heuristic"}.get(selection.get("source"), "the planner")
+            source = {"planner": "the planner", "coverage": "the coverage rule"}.get(selection.get("source"), "the planner")
             rationale = f"Agent-REINFORCE pre-test of a combination chosen by {source}"
             if selection.get("reason"):
                 rationale += f": {selection['reason']}"
             if fallback:
-                rationale += f" [fallback to insight heuristic: {fallback}]"
+                rationale += f" [fallback to the coverage rule: {fallback}]"
             proposals.append(Proposal(plan, rationale, info))
         return {"proposals": proposals}
 
@@ -653,6 +656,11 @@ def _plans(values: Sequence[Any]) -> list[Plan]:
         except AllotError:
             continue
     return plans
+
+
+def _pairs(plan: Plan) -> set[tuple[str, str]]:
+    """The (stage, model) pairs a plan uses."""
+    return {(stage.stage, node.model) for stage in plan.stages for node in stage.nodes}
 
 
 def _solver_only(plan: Plan) -> bool:
