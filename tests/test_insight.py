@@ -48,8 +48,11 @@ def test_mix_enters_at_the_smallest_count_and_is_paid_for_when_it_does_not_fit(e
     budget = Budget(limit=env.estimate_cost(incumbent).flops * 1.001, unit="flops")
     ctx = context(env, space, budget)
     mixes = [m for m in InsightStrategy(0)._moves(space, (space.choices_of(incumbent)[0],), ctx) if m.kind == "mix"]
-    smallest = {dict(m.choices[0].samples).get(m.detail) for m in mixes}
+    smallest = {dict(m.choices[0].samples).get(m.detail.split()[0]) for m in mixes}
     assert 1 in smallest
+    # a tie-breaking sample and an equal share are judged apart
+    assert {m.detail.split()[1] for m in mixes if m.detail.split()[0] == "Qwen3-8B"} <= {"low", "matched"}
+    assert all(m.detail.endswith("low") for m in mixes if dict(m.choices[0].samples)[m.detail.split()[0]] == 1)
     paid = [m for m in mixes if "paid for" in m.note]
     assert paid, "the budget leaves no room for a second model unless the first gives some up"
     for move in paid:

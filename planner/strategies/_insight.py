@@ -207,13 +207,14 @@ class InsightStrategy(Strategy):
                     if other not in counts:
                         # Insights 1 and 2: a second model enters at its smallest count (the cheapest test of
                         # the mixture; grow moves scale it), at the current count, and, where the smallest
-                        # does not fit, paid for by halving the incumbent's largest node.
+                        # does not fit, paid for by halving the incumbent's largest node. A few tie-breaking
+                        # samples and an equal share are different ideas: their evidence is kept apart.
                         low = min(space.n_choices[other])
                         n = _closest(space.n_choices[other], min(counts.values()))
-                        yield _Move("mix", with_stage(rebuilt({**counts, other: low})), f"mix in {other} x{low}", other)
+                        yield _Move("mix", with_stage(rebuilt({**counts, other: low})), f"mix in {other} x{low}", f"{other} low")
                         mixed = {**counts, other: n}
                         if n != low:
-                            yield _Move("mix", with_stage(rebuilt(mixed)), f"mix in {other} x{n}", other)
+                            yield _Move("mix", with_stage(rebuilt(mixed)), f"mix in {other} x{n}", f"{other} matched")
                         filled = _fill(space, with_stage(rebuilt(mixed)), index, mixed, context, rebuilt)
                         if filled is not None:
                             yield _Move("fill", filled[0], f"mix in {other} and scale up x{filled[1]} to use the budget")
@@ -226,7 +227,7 @@ class InsightStrategy(Strategy):
                             paid[top] = smaller
                         if paid != counts and fits({**paid, other: low}):
                             note = f"mix in {other} x{low}, paid for by fewer samples of {', '.join(paid)}"
-                            yield _Move("mix", with_stage(rebuilt({**paid, other: low})), note, other)
+                            yield _Move("mix", with_stage(rebuilt({**paid, other: low})), note, f"{other} low")
                         break
             for stop in space.early_stop:
                 if stop != choice.early_stop and (stop is None or sum(counts.values()) > stop):
