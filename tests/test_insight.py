@@ -73,6 +73,31 @@ def test_swap_to_a_better_probed_model_picks_a_count_that_fits(env, space) -> No
     assert dict(swaps[0].choices[0].samples).keys() == {"Qwen3-8B"}
 
 
+def test_a_better_model_that_does_not_fit_is_paid_for_by_fewer_samples_on_other_stages() -> None:
+    from executors.simulated import SimulatedEnvironment
+
+    sim = SimulatedEnvironment(stages=3, seed=0)
+    sim_space = SearchSpace.from_info(sim.info)
+    incumbent = sim_space.plan([StageChoice((("sim-70B", 4),)), StageChoice((("sim-8B", 32),)), StageChoice((("sim-8B", 8),))])
+    budget = Budget(limit=sim.estimate_cost(incumbent).flops * 1.001, unit="flops")
+    probes = [
+        trial(i, incumbent, score, {"phase": "probe", "stage": "stage3", "model": m})
+        for i, (m, score) in enumerate((("sim-8B", 0.38), ("sim-70B", 0.57)))
+    ]
+    ctx = StudyContext(sim_space, budget, sim.info, sim.estimate_cost, tuple(probes), 0)
+    base = tuple(sim_space.choices_of(incumbent))
+    swaps = [m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind == "swap" and m.detail == "sim-70B"]
+    paid = [m for m in swaps if "paid for" in m.note and dict(m.choices[2].samples).keys() == {"sim-70B"}]
+    assert paid, "70B on stage 3 fits at no count beside the other stages as they are"
+    assert sorted(dict(m.choices[2].samples)["sim-70B"] for m in paid) == [1, 2]
+    for move in paid:
+        assert ctx.fits(sim_space.plan(move.choices))
+        before = [dict(c.samples) for c in base[:2]]
+        after = [dict(c.samples) for c in move.choices[:2]]
+        assert all(after[i][m] <= n for i in range(2) for m, n in before[i].items())
+        assert after != before, "some other stage gave up samples"
+
+
 def test_gains_pool_evidence_per_kind_and_per_detail_shrunk_toward_the_prior(space) -> None:
     plan = space.plan([StageChoice((("Qwen3-8B", 1),), None)])
     parent = trial(0, plan, 0.80, {"phase": "assemble"})

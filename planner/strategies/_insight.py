@@ -9,12 +9,12 @@
 
 After the probes the search is a best-first local search around the incumbent (the best plan so far):
 each candidate move (double or halve a node's samples, swap a model for a better-probed one at a count that
-fits, add a model to a mixture at its smallest count, or paid for by fewer samples of the others, drop one,
-step the thinking cap to the next tighter or looser one, change the early-stop rule) gets a predicted gain
-from what the same kind of move gained before in this study, refined by what it gained on the same model,
-rule or cap direction (each mean shrunk toward the level above, so one trial does not decide), plus a bonus
-for using more of the budget, since compute helps until it plateaus. Everything is derived from the stored
-trials, so the strategy resumes without state of its own.
+fits or paid for by fewer samples on the other stages, add a model to a mixture at its smallest count, or
+paid for by fewer samples of the others, drop one, step the thinking cap to the next tighter or looser one,
+change the early-stop rule) gets a predicted gain from what the same kind of move gained before in this
+study, refined by what it gained on the same model, rule or cap direction (each mean shrunk toward the level
+above, so one trial does not decide), plus a bonus for using more of the budget, since compute helps until
+it plateaus. Everything is derived from the stored trials, so the strategy resumes without state of its own.
 The default strategy when no planner LLM is configured, and every agent's fallback.
 """
 
@@ -195,6 +195,15 @@ class InsightStrategy(Strategy):
                             note = f"swap {model} for better-probed {other} x{count}"
                             yield _Move("swap", with_stage(rebuilt({**rest, other: count})), note, other)
                             break
+                        # Insight 3: the better model does not fit beside the other stages as they are, so
+                        # they pay for it with fewer samples (the largest nodes halved first), at the
+                        # model's two smallest counts.
+                        for count in sorted(space.n_choices[other])[:2]:
+                            paid = _paid(space, with_stage(rebuilt({**rest, other: count})), (index, other), context)
+                            if paid is not None:
+                                note = f"swap {model} for better-probed {other} x{count}, paid for by fewer samples elsewhere"
+                                yield _Move("swap", paid, note, other)
+                        break
                 if len(counts) > 1:
                     rest = {k: v for k, v in counts.items() if k != model}
                     yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture", model)
@@ -312,6 +321,34 @@ def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -
             continue
         counts = trial
     return plan_of(counts)
+
+
+def _paid(
+    space: SearchSpace, choices: tuple[StageChoice, ...], keep: tuple[int, str], context: StudyContext
+) -> tuple[StageChoice, ...] | None:
+    """``choices`` made to fit by halving its largest nodes (most samples first), all but ``keep`` (a stage
+    index and model); ``None`` if that cannot make it fit."""
+    counts = [dict(c.samples) for c in choices]
+
+    def build() -> tuple[StageChoice, ...]:
+        out = []
+        for choice, samples in zip(choices, counts, strict=True):
+            stop = choice.early_stop if choice.early_stop is None or sum(samples.values()) > choice.early_stop else None
+            out.append(replace(choice, samples=tuple(samples.items()), early_stop=stop))
+        return tuple(out)
+
+    while not context.fits(space.plan(build())):
+        payers = [
+            (n, i, m)
+            for i, samples in enumerate(counts)
+            for m, n in samples.items()
+            if (i, m) != keep and _next(space.n_choices[m], n, -1) is not None
+        ]
+        if not payers:
+            return None
+        _, i, m = max(payers)
+        counts[i][m] = _next(space.n_choices[m], counts[i][m], -1)  # type: ignore[assignment]
+    return build()
 
 
 def _probe_costs(context: StudyContext) -> dict[tuple[str, str], float]:
