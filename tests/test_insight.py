@@ -98,6 +98,26 @@ def test_a_better_model_that_does_not_fit_is_paid_for_by_fewer_samples_on_other_
         assert after != before, "some other stage gave up samples"
 
 
+def test_downsize_tries_a_cheaper_model_about_as_good_at_the_samples_the_same_spend_buys(env, space) -> None:
+    incumbent = space.plan([StageChoice((("Qwen3-8B", 8),), None)])
+    budget = Budget(limit=env.estimate_cost(incumbent).flops * 4, unit="flops")
+    scores = (("Qwen3-0.6B", 0.10), ("Qwen3-1.7B", 0.48), ("Qwen3-4B", 0.74), ("Qwen3-8B", 0.75))
+    probes = [
+        trial(i, space.plan([StageChoice(((m, 1),), None)]), score, {"phase": "probe", "stage": "answer", "model": m})
+        for i, (m, score) in enumerate(scores)
+    ]
+    ctx = context(env, space, budget, probes)
+    moves = [m for m in InsightStrategy(0)._moves(space, (space.choices_of(incumbent)[0],), ctx) if m.kind == "downsize"]
+    # 1.7B and 0.6B probed far below 8B (over a quarter of the probes' spread): not worth a try
+    assert [m.detail for m in moves] == ["Qwen3-4B"]
+    (samples,) = (dict(m.choices[0].samples) for m in moves)
+    assert samples.keys() == {"Qwen3-4B"} and samples["Qwen3-4B"] > 8
+    spent = ctx.spent(space.plan(moves[0].choices))
+    assert spent <= ctx.spent(incumbent) * (1 + 1e-9), "same spend, not the whole budget"
+    bigger = [c for c in space.n_choices["Qwen3-4B"] if c > samples["Qwen3-4B"]]
+    assert all(ctx.spent(space.plan([StageChoice((("Qwen3-4B", c),), None)])) > ctx.spent(incumbent) for c in bigger)
+
+
 def test_gains_pool_evidence_per_kind_and_per_detail_shrunk_toward_the_prior(space) -> None:
     plan = space.plan([StageChoice((("Qwen3-8B", 1),), None)])
     parent = trial(0, plan, 0.80, {"phase": "assemble"})

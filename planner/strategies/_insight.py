@@ -9,7 +9,8 @@
 
 After the probes the search is a best-first local search around the incumbent (the best plan so far):
 each candidate move (double or halve a node's samples, swap a model for a better-probed one at a count that
-fits or paid for by fewer samples on the other stages, add a model to a mixture at its smallest count, or
+fits or paid for by fewer samples on the other stages, downsize to a cheaper model that probed about as
+well at the samples the same spend buys, add a model to a mixture at its smallest count, or
 paid for by fewer samples of the others, drop one, step the thinking cap to the next tighter or looser one,
 change the early-stop rule) gets a predicted gain from what the same kind of move gained before in this
 study, refined by what it gained on the same model, rule or cap direction (each mean shrunk toward the level
@@ -40,6 +41,7 @@ PRIOR_GAIN = {
     "trade": 0.008,
     "stop": 0.004,
     "cap": 0.002,
+    "downsize": -0.003,
     "shrink": -0.005,
     "drop": -0.005,
 }
@@ -159,6 +161,14 @@ class InsightStrategy(Strategy):
 
     def _moves(self, space: SearchSpace, base: tuple[StageChoice, ...], context: StudyContext) -> Iterator[_Move]:
         probe = _probe_scores(context, space)
+        # A stage's model choice matters as much as its probes differ: models that probed within a quarter of
+        # the widest stage's spread of the current one count as equally good (worth a cheaper model there).
+        spreads = [
+            max(scores) - min(scores)
+            for stage in space.stages
+            if len(scores := [v for (s, _), v in probe.items() if s == stage]) > 1
+        ]
+        tolerance = max(spreads, default=0.0) / 4
         for index, stage in enumerate(space.stages):
             choice = base[index]
             counts = dict(choice.samples)
@@ -204,6 +214,23 @@ class InsightStrategy(Strategy):
                                 note = f"swap {model} for better-probed {other} x{count}, paid for by fewer samples elsewhere"
                                 yield _Move("swap", paid, note, other)
                         break
+                # Insight 1 at equal cost: a cheaper model with more samples (as many as the same spend buys) can
+                # beat a better-probed one.
+                rest = {k: v for k, v in counts.items() if k != model}
+                here = context.spent(space.plan(base))
+                for other in ranked_models:
+                    if other in counts or context.spent(space.plan(with_stage(rebuilt({**rest, other: n})))) >= here:
+                        continue
+                    if probe.get((stage, other), 0.0) < probe.get((stage, model), 0.0) - tolerance:
+                        continue
+                    more = [
+                        c
+                        for c in sorted(space.n_choices[other], reverse=True)
+                        if c > n and context.spent(space.plan(with_stage(rebuilt({**rest, other: c})))) <= here * (1 + 1e-9)
+                    ]
+                    if more:
+                        note = f"downsize {model} to cheaper {other} x{more[0]}"
+                        yield _Move("downsize", with_stage(rebuilt({**rest, other: more[0]})), note, other)
                 if len(counts) > 1:
                     rest = {k: v for k, v in counts.items() if k != model}
                     yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture", model)
