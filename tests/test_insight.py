@@ -147,3 +147,47 @@ def test_search_trials_store_the_move_key_the_next_proposal_depends_on(env, spac
     first = InsightStrategy(0).propose(ctx, 2)
     again = InsightStrategy(0).propose(ctx, 2)
     assert [p.plan.plan_id for p in first] == [p.plan.plan_id for p in again]
+
+
+def test_middle_models_are_probed_only_on_stages_whose_first_probes_differ_enough() -> None:
+    from executors.simulated import SimulatedEnvironment
+    from planner.strategies._insight import NARROW
+
+    sim = SimulatedEnvironment(stages=3, seed=0)
+    sim_space = SearchSpace.from_info(sim.info)
+    budget = Budget(limit=sim.estimate_cost(sim_space.plan([StageChoice((("sim-70B", 8),))] * 3)).flops, unit="flops")
+    storage = InMemoryStorage()
+    study = create_study(storage=storage, environment=sim, budget=budget, strategy=InsightStrategy(0), seed=0, space=sim_space)
+    study.optimize(12)
+    probes = [t for t in study.trials if t.strategy_info.get("phase") == "probe"]
+    covered: dict[str, dict[str, float]] = {}
+    for t in probes:
+        for stage, model in t.strategy_info["probe"]:
+            assert sim_space.choices_of(t.plan)[sim_space.stages.index(stage)].samples[0][0] == model
+            covered.setdefault(stage, {})[model] = t.score
+    anchor_plan = [t for t in probes if len(t.strategy_info["probe"]) == len(sim_space.stages)]
+    assert len(anchor_plan) == 1, "the anchor plan measures the anchor model on every stage, once"
+    first = {}
+    for stage in sim_space.stages:
+        ranked = sorted(sim.info.models, key=lambda m: sim.info.models[m].params_b)
+        assert {ranked[0], ranked[-1]} <= covered[stage].keys(), "every stage's cheapest and costliest model"
+        first[stage] = max(covered[stage].values()) - min(covered[stage].values())
+    widest = max(first.values())
+    for stage, scores in covered.items():
+        full = len(scores) == len(sim.info.models)
+        # every stage has the first three; the rest only where the first ones differed enough
+        assert full == (first[stage] >= NARROW * widest) or len(sim.info.models) <= 3
+    assert any(len(s) < len(sim.info.models) for s in covered.values()), "this task has a narrow stage"
+    assert len(probes) < 1 + len(sim_space.stages) * (len(sim.info.models) - 1)
+
+
+def test_unprobed_models_of_a_stage_get_a_score_between_their_cheaper_and_costlier_neighbours(env, space) -> None:
+    from planner.strategies._insight import _impute
+
+    base = (StageChoice((("Qwen3-4B", 1),), None),)
+    probe = {("answer", "Qwen3-0.6B"): 0.1, ("answer", "Qwen3-1.7B"): 0.3, ("answer", "Qwen3-8B"): 0.7}
+    _impute(space, base, 0, probe, context(env, space, Budget(limit=1e30)))
+    assert probe[("answer", "Qwen3-4B")] == pytest.approx(0.5)
+    probe = {("answer", "Qwen3-1.7B"): 0.3, ("answer", "Qwen3-4B"): 0.6}
+    _impute(space, base, 0, probe, context(env, space, Budget(limit=1e30)))
+    assert probe[("answer", "Qwen3-0.6B")] == 0.3 and probe[("answer", "Qwen3-8B")] == 0.6

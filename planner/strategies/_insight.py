@@ -47,6 +47,9 @@ PRIOR_GAIN = {
 }
 PRIOR_WEIGHT = 1.0
 """How many observations the prior of a move's gain weighs against the study's own evidence."""
+NARROW = 0.25
+"""A stage whose probes differ by less than this share of the widest stage's spread is narrow: which model it
+uses hardly shows in the score, so its middle models are not probed and a cheaper model there is worth a try."""
 
 
 @dataclass(frozen=True)
@@ -89,13 +92,16 @@ class InsightStrategy(Strategy):
         space = context.space
         tried = context.tried()
         out: list[Proposal] = []
-        for plan, stage, model in self._probes(context):
+        for plan, covers in self._probes(context):
             if len(out) == n:
                 return out
             if plan.plan_id not in tried:
                 tried.add(plan.plan_id)
-                why = f"probe (insight 1): {model} on stage {stage} at its smallest sample count"
-                out.append(Proposal(plan, why, {"phase": "probe", "stage": stage, "model": model}))
+                stage, model = covers[0]
+                measured = ", ".join(f"{m} on stage {s}" for s, m in covers)
+                why = f"probe (insight 1): {measured} at its smallest sample count"
+                info = {"phase": "probe", "stage": stage, "model": model, "probe": [list(c) for c in covers]}
+                out.append(Proposal(plan, why, info))
         complete = [t for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None]
         if not complete:
             return out
@@ -143,32 +149,71 @@ class InsightStrategy(Strategy):
                 out.append(Proposal(plan, "explore: every neighbour of the tried plans is tried", {"phase": "explore"}))
         return out
 
-    def _probes(self, context: StudyContext) -> Iterator[tuple[Plan, str, str]]:
-        """Insight 1: each model of each stage once at the smallest count; other stages at an anchor."""
+    def _probes(self, context: StudyContext) -> Iterator[tuple[Plan, list[tuple[str, str]]]]:
+        """Insight 1: models probed one stage at a time at their smallest count, the other stages at an
+        anchor; yields each probe plan with the (stage, model) pairs it measures (the anchor plan measures
+        the anchor model on every stage).
+
+        First each stage's cheapest and costliest model (and the anchor's); then the others, only on
+        stages whose first probes differ by at least ``NARROW`` of the widest stage's spread: where the
+        model hardly changes the score, which one is left to the search (downsize moves), and probes are
+        spent where the choice matters."""
         space = context.space
         anchor = [_cheapest_fitting(space, s, context) for s in space.stages]
         order = random.Random(self.seed)  # the seed decides the probing order, nothing else
+        plans: dict[tuple[str, str], Plan] = {}
+        first: list[tuple[str, str]] = []
+        later: list[tuple[str, str]] = []
         for index, stage in enumerate(space.stages):
             models = list(space.stage_models[stage])
             order.shuffle(models)
             for model in models:
                 choice = _smallest(space, model, context, anchor, index)
-                if choice is None:
-                    continue
-                choices = list(anchor)
-                choices[index] = choice
-                yield space.plan(choices), stage, model
+                if choice is not None:
+                    choices = list(anchor)
+                    choices[index] = choice
+                    plans[(stage, model)] = space.plan(choices)
+            probed = [m for m in models if (stage, m) in plans]
+            if not probed:
+                continue
+            by_cost = sorted(probed, key=lambda m, s=stage: context.spent(plans[(s, m)]))
+            ends = {by_cost[0], by_cost[-1], anchor[index].samples[0][0]}
+            first += [(stage, m) for m in probed if m in ends]
+            later += [(stage, m) for m in probed if m not in ends]
+        covers: dict[str, list[tuple[str, str]]] = {}
+        for key, plan in plans.items():
+            covers.setdefault(plan.plan_id, []).append(key)
+        yielded: set[str] = set()
+
+        def emit(keys: list[tuple[str, str]]) -> Iterator[tuple[Plan, list[tuple[str, str]]]]:
+            for key in keys:
+                plan = plans[key]
+                if plan.plan_id not in yielded:
+                    yielded.add(plan.plan_id)
+                    yield plan, covers[plan.plan_id]
+
+        yield from emit(first)
+        scores = _probe_scores(context, space)
+        if any(key not in scores for key in first):
+            return  # the first probes are not all scored yet: which stages need the rest is not known
+        spread = {stage: max(v) - min(v) for stage in space.stages if (v := [scores[k] for k in first if k[0] == stage])}
+        widest = max(spread.values(), default=0.0)
+        yield from emit([k for k in later if spread.get(k[0], 0.0) >= NARROW * widest])
 
     def _moves(self, space: SearchSpace, base: tuple[StageChoice, ...], context: StudyContext) -> Iterator[_Move]:
         probe = _probe_scores(context, space)
-        # A stage's model choice matters as much as its probes differ: models that probed within a quarter of
+        # A stage's model choice matters as much as its probes differ: models that probed within ``NARROW`` of
         # the widest stage's spread of the current one count as equally good (worth a cheaper model there).
         spreads = [
             max(scores) - min(scores)
             for stage in space.stages
             if len(scores := [v for (s, _), v in probe.items() if s == stage]) > 1
         ]
-        tolerance = max(spreads, default=0.0) / 4
+        tolerance = NARROW * max(spreads, default=0.0)
+        for index, stage in enumerate(space.stages):
+            scores = [v for (s, _), v in probe.items() if s == stage]
+            if len(scores) > 1 and max(scores) - min(scores) < tolerance:
+                _impute(space, base, index, probe, context)
         for index, stage in enumerate(space.stages):
             choice = base[index]
             counts = dict(choice.samples)
@@ -350,6 +395,32 @@ def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -
     return plan_of(counts)
 
 
+def _impute(
+    space: SearchSpace, base: tuple[StageChoice, ...], index: int, probe: dict[tuple[str, str], float], context: StudyContext
+) -> None:
+    """Give the models left unprobed on stage ``index`` a probe score interpolated between the probed models
+    next cheaper and next costlier (a bigger model does better, by about as much as its price suggests)."""
+    stage = space.stages[index]
+
+    def spent(model: str) -> float:
+        choice = StageChoice(((model, min(space.n_choices[model])),), base[index].cap)
+        return context.spent(space.plan(tuple(choice if i == index else c for i, c in enumerate(base))))
+
+    ranked = sorted(space.stage_models[stage], key=spent)
+    known = [i for i, m in enumerate(ranked) if (stage, m) in probe]
+    for i, model in enumerate(ranked):
+        if (stage, model) in probe:
+            continue
+        below = [k for k in known if k < i]
+        above = [k for k in known if k > i]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            a, b = probe[(stage, ranked[lo])], probe[(stage, ranked[hi])]
+            probe[(stage, model)] = a + (b - a) * (i - lo) / (hi - lo)
+        else:
+            probe[(stage, model)] = probe[(stage, ranked[(below or above)[-1 if below else 0]])]
+
+
 def _paid(
     space: SearchSpace, choices: tuple[StageChoice, ...], keep: tuple[int, str], context: StudyContext
 ) -> tuple[StageChoice, ...] | None:
@@ -440,9 +511,11 @@ def _predicted_gain(gains: dict[str, float], move: _Move) -> float:
 def _probed(trial: FrozenTrial) -> list[tuple[str, str]]:
     """The (stage, model) pairs a trial probed: this heuristic's probes, or an agent's (``info["probe"]``)."""
     info = trial.strategy_info
+    if info.get("probe"):
+        return [(str(stage), str(model)) for stage, model in info["probe"]]
     if info.get("phase") == "probe":
         return [(str(info.get("stage")), str(info.get("model")))]
-    return [(str(stage), str(model)) for stage, model in info.get("probe") or ()]
+    return []
 
 
 def _probe_scores(context: StudyContext, space: SearchSpace) -> dict[tuple[str, str], float]:
