@@ -191,3 +191,25 @@ def test_unprobed_models_of_a_stage_get_a_score_between_their_cheaper_and_costli
     probe = {("answer", "Qwen3-1.7B"): 0.3, ("answer", "Qwen3-4B"): 0.6}
     _impute(space, base, 0, probe, context(env, space, Budget(limit=1e30)))
     assert probe[("answer", "Qwen3-0.6B")] == 0.3 and probe[("answer", "Qwen3-8B")] == 0.6
+
+
+def test_swap_goes_to_the_best_better_model_that_fits_and_pays_only_for_the_best_one() -> None:
+    from executors.simulated import SimulatedEnvironment
+
+    sim = SimulatedEnvironment(stages=3, seed=0)
+    sim_space = SearchSpace.from_info(sim.info)
+    incumbent = sim_space.plan([StageChoice((("sim-70B", 4),)), StageChoice((("sim-8B", 32),)), StageChoice((("sim-3B", 8),))])
+    budget = Budget(limit=sim.estimate_cost(incumbent).flops * 1.001, unit="flops")
+    scores = (("sim-1B", 0.15), ("sim-3B", 0.2), ("sim-8B", 0.38), ("sim-70B", 0.57))
+    probes = [
+        trial(i, incumbent, score, {"phase": "probe", "stage": "stage3", "model": m}) for i, (m, score) in enumerate(scores)
+    ]
+    ctx = StudyContext(sim_space, budget, sim.info, sim.estimate_cost, tuple(probes), 0)
+    base = tuple(sim_space.choices_of(incumbent))
+    swaps = [m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind == "swap" and m.choices[2] != base[2]]
+    direct = [m for m in swaps if "paid for" not in m.note]
+    paid = [m for m in swaps if "paid for" in m.note]
+    assert {m.detail for m in paid} == {"sim-70B"}, "the best model is paid for"
+    assert [m.detail for m in direct] == ["sim-8B"], "the next better one fits as it is"
+    assert dict(direct[0].choices[2].samples)["sim-8B"] < 8 and direct[0].choices[:2] == base[:2]
+    assert all(ctx.fits(sim_space.plan(m.choices)) for m in swaps)

@@ -206,7 +206,9 @@ def test_same_seed_same_proposals(name: str, env, space) -> None:
     first = proposed_ids(env, space, name, seed=42)
     assert len(first) >= 8
     assert proposed_ids(env, space, name, seed=42) == first
-    assert proposed_ids(env, space, name, seed=43) != first
+    # other seeds, other proposals (a heuristic's seed only orders its probes, so two seeds may agree)
+    others = {tuple(proposed_ids(env, space, name, seed=seed)) for seed in (43, 44, 45)}
+    assert others - {tuple(first)}
 
 
 @pytest.mark.parametrize("name", NAMES)

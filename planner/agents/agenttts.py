@@ -52,7 +52,7 @@ from graphs.plan import Plan
 from planner.llm import PlannerCall, PlannerLLM
 from planner.space import StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
-from planner.strategies._insight import InsightStrategy
+from planner.strategies._insight import InsightStrategy, wide_stages
 from planner.trial import FrozenTrial, TrialState
 
 __all__ = ["AgentTTSStrategy", "CandidateBatch", "CandidateSpec", "GuidelineList", "SampleSpec", "StageSpec"]
@@ -254,6 +254,14 @@ class _Setup:
                 self.probe_costs[(stage, model)] = _ProbeCost(cost, per_sample, cap)
         for plan_id, covers in by_id.items():
             self.probes.append(_Probe(plans[plan_id], tuple(covers), self.probe_fits[plan_id]))
+        # Each stage's cheapest and costliest model are probed first; the others only on stages where those
+        # differ enough for the choice to show (``wide_stages``).
+        self.first_probes: set[tuple[str, str]] = set()
+        for stage in space.stages:
+            costs = {m: self.probe_costs[(stage, m)].spent for m in space.stage_models[stage]}
+            runnable = sorted((c, m) for m, c in costs.items() if c is not None and self.probe_fits[self.probe_of[(stage, m)]])
+            if runnable:
+                self.first_probes |= {(stage, runnable[0][1]), (stage, runnable[-1][1])}
         self.task_text = self._task_text(context)
 
     # -- candidates -> plans
@@ -552,6 +560,12 @@ class AgentTTSStrategy(Strategy):
         assert setup is not None
         tried = context.tried()
         pending = [p for p in setup.probes if p.fits and p.plan.plan_id not in tried]
+        first = [p for p in pending if setup.first_probes & set(p.covers)]
+        if not first:
+            wide = self._wide_stages(context)
+            pending = [p for p in pending if wide is None or any(stage in wide for stage, _ in p.covers)]
+        else:
+            pending = first
         if not pending:
             return {"probing": False}
         default = "; ".join(f"{s}: {c.graph(s).summary()}" for s, c in zip(setup.stages, setup.default, strict=True))
@@ -567,6 +581,22 @@ class AgentTTSStrategy(Strategy):
             info = {"probe": [list(c) for c in probe.covers], "planner_attempts": 0, "planner_errors": []}
             proposals.append(Proposal(probe.plan, rationale, info))
         return {"proposals": proposals, "probing": True}
+
+    def _wide_stages(self, context: StudyContext) -> set[str] | None:
+        """The stages worth probing every model on, from the first probes' scores (``None``: not all in yet)."""
+        setup = self._setup
+        assert setup is not None
+        by_plan = {t.plan_id: t for t in context.trials}
+        scores: dict[tuple[str, str], float] = {}
+        for key in setup.first_probes:
+            plan_id = setup.probe_of[key]
+            if not setup.probe_fits[plan_id]:
+                continue
+            trial = by_plan.get(plan_id)
+            if trial is None or trial.state is not TrialState.COMPLETE or trial.score is None:
+                return None
+            scores[key] = trial.score
+        return wide_stages(scores)
 
     def _queued_node(self, state: _State) -> _State:
         context, n = state["context"], state["n"]
@@ -743,6 +773,8 @@ class AgentTTSStrategy(Strategy):
                 score = "not runnable"
             elif not setup.probe_fits[plan_id]:
                 score = "over budget"
+            elif (wide := self._wide_stages(context)) is not None and stage not in wide:
+                score = "not probed (the stage's cheapest and costliest models scored about the same)"
             else:
                 score = "pending"
             label = model if cost.cap is None else f"{model} (cap {cost.cap})"

@@ -22,7 +22,7 @@ The default strategy when no planner LLM is configured, and every agent's fallba
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from graphs.plan import Plan
@@ -30,7 +30,7 @@ from planner.space import SearchSpace, StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
 from planner.trial import FrozenTrial, TrialState
 
-__all__ = ["InsightStrategy"]
+__all__ = ["InsightStrategy", "wide_stages"]
 
 # Prior gain (score points, 0..1 scale) of each kind of move before the study has tried it.
 PRIOR_GAIN = {
@@ -196,9 +196,8 @@ class InsightStrategy(Strategy):
         scores = _probe_scores(context, space)
         if any(key not in scores for key in first):
             return  # the first probes are not all scored yet: which stages need the rest is not known
-        spread = {stage: max(v) - min(v) for stage in space.stages if (v := [scores[k] for k in first if k[0] == stage])}
-        widest = max(spread.values(), default=0.0)
-        yield from emit([k for k in later if spread.get(k[0], 0.0) >= NARROW * widest])
+        wide = wide_stages({key: scores[key] for key in first})
+        yield from emit([k for k in later if k[0] in wide])
 
     def _moves(self, space: SearchSpace, base: tuple[StageChoice, ...], context: StudyContext) -> Iterator[_Move]:
         probe = _probe_scores(context, space)
@@ -239,26 +238,29 @@ class InsightStrategy(Strategy):
                 smaller = _next(space.n_choices[model], n, -1)
                 if smaller is not None:
                     yield _Move("shrink", with_stage(rebuilt({**counts, model: smaller})), f"shrink {model} to {smaller}", model)
+                paid_for = False
                 for other in ranked_models:
-                    if other not in counts and probe.get((stage, other), 0.0) >= probe.get((stage, model), 0.0):
-                        # The better model at the most samples (up to the current count) the budget allows:
-                        # a better model usually costs more per sample, so keeping the count would not fit.
-                        rest = {k: v for k, v in counts.items() if k != model}
-                        fitting = [c for c in sorted(space.n_choices[other], reverse=True) if c <= max(n, 1)]
-                        count = next((c for c in fitting if fits({**rest, other: c})), None)
-                        if count is not None:
-                            note = f"swap {model} for better-probed {other} x{count}"
-                            yield _Move("swap", with_stage(rebuilt({**rest, other: count})), note, other)
-                            break
-                        # Insight 3: the better model does not fit beside the other stages as they are, so
-                        # they pay for it with fewer samples (the largest nodes halved first), at the
-                        # model's two smallest counts.
-                        for count in sorted(space.n_choices[other])[:2]:
-                            paid = _paid(space, with_stage(rebuilt({**rest, other: count})), (index, other), context)
-                            if paid is not None:
-                                note = f"swap {model} for better-probed {other} x{count}, paid for by fewer samples elsewhere"
-                                yield _Move("swap", paid, note, other)
+                    if other in counts or probe.get((stage, other), 0.0) < probe.get((stage, model), 0.0):
+                        continue
+                    # The better model at the most samples (up to the current count) the budget allows: a
+                    # better model usually costs more per sample, so keeping the count would not fit.
+                    rest = {k: v for k, v in counts.items() if k != model}
+                    fitting = [c for c in sorted(space.n_choices[other], reverse=True) if c <= max(n, 1)]
+                    count = next((c for c in fitting if fits({**rest, other: c})), None)
+                    if count is not None:
+                        note = f"swap {model} for better-probed {other} x{count}"
+                        yield _Move("swap", with_stage(rebuilt({**rest, other: count})), note, other)
                         break
+                    if paid_for:
+                        continue  # the next better model that fits as it is, if any
+                    paid_for = True
+                    # Insight 3: the best model does not fit beside the other stages as they are, so they pay
+                    # for it with fewer samples (the largest nodes halved first), at its two smallest counts.
+                    for count in sorted(space.n_choices[other])[:2]:
+                        paid = _paid(space, with_stage(rebuilt({**rest, other: count})), (index, other), context)
+                        if paid is not None:
+                            note = f"swap {model} for better-probed {other} x{count}, paid for by fewer samples elsewhere"
+                            yield _Move("swap", paid, note, other)
                 # Insight 1 at equal cost: a cheaper model with more samples (as many as the same spend buys) can
                 # beat a better-probed one.
                 rest = {k: v for k, v in counts.items() if k != model}
@@ -339,6 +341,18 @@ class InsightStrategy(Strategy):
                 traded[other_index] = replace(base[other_index], samples=tuple({**giver, model: smaller}.items()))
                 note = f"move budget from stage {other_stage} to stage {stage}"
                 yield _Move("trade", tuple(traded), note, f"{other_stage}>{stage}")
+
+
+def wide_stages(probes: Mapping[tuple[str, str], float]) -> set[str]:
+    """The stages whose probe scores (``(stage, model) -> score``) differ by at least ``NARROW`` of the
+    widest stage's spread: where the model choice shows in the score, so every model is worth a probe. A stage
+    with a single probe counts as wide: nothing says its choice does not matter."""
+    by_stage: dict[str, list[float]] = {}
+    for (stage, _), score in probes.items():
+        by_stage.setdefault(stage, []).append(score)
+    spread = {stage: max(scores) - min(scores) for stage, scores in by_stage.items()}
+    widest = max(spread.values(), default=0.0)
+    return {stage for stage, value in spread.items() if value >= NARROW * widest or len(by_stage[stage]) < 2}
 
 
 def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -> Plan | None:
