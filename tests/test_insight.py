@@ -213,3 +213,18 @@ def test_swap_goes_to_the_best_better_model_that_fits_and_pays_only_for_the_best
     assert [m.detail for m in direct] == ["sim-8B"], "the next better one fits as it is"
     assert dict(direct[0].choices[2].samples)["sim-8B"] < 8 and direct[0].choices[:2] == base[:2]
     assert all(ctx.fits(sim_space.plan(m.choices)) for m in swaps)
+
+
+def test_a_node_whose_last_doubling_gained_under_the_plateau_stops_growing(env, space) -> None:
+    incumbent = space.plan([StageChoice((("Qwen3-8B", 16),), None)])
+    half = space.plan([StageChoice((("Qwen3-8B", 8),), None)])
+    budget = Budget(limit=env.estimate_cost(incumbent).flops * 8, unit="flops")
+    strategy = InsightStrategy(0, plateau=0.005)
+
+    def growing(half_score: float) -> set[str]:
+        trials = (trial(0, half, half_score, {"phase": "assemble"}), trial(1, incumbent, 0.80, {"phase": "assemble"}))
+        moves = strategy._moves(space, (space.choices_of(incumbent)[0],), context(env, space, budget, trials))
+        return {m.kind for m in moves if m.kind in ("grow", "fill") and "Qwen3-8B" in dict(m.choices[0].samples)}
+
+    assert growing(0.70) == {"grow", "fill"}  # the doubling to 16 gained 10 points: keep going
+    assert growing(0.798) == set()  # it gained 0.2 points: the node has plateaued

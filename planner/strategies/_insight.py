@@ -1,8 +1,9 @@
 """The insight heuristic: AgentTTS's three insights as rules, needing no planner LLM.
 
-1. Stages prefer different models: probe every model of every stage once, at the smallest sample count.
+1. Stages prefer different models: probe models once, at the smallest sample count; every model on the
+   stages where the model shows in the score, the cheapest and costliest on the others (``NARROW``).
 2. More samples help up to a point: grow the best models' sample counts toward the budget, and stop
-   growing a model once a doubling gained less than ``plateau`` points.
+   growing a node of the best plan once its last doubling gained less than ``plateau`` (score, 0..1).
 3. Stages interact: after the probes, moves change one stage at a time (and trade budget between two
    stages), judged by the whole plan's score, so an earlier stage's allocation is re-tuned when a later
    stage changes what it needs.
@@ -209,6 +210,7 @@ class InsightStrategy(Strategy):
             if len(scores := [v for (s, _), v in probe.items() if s == stage]) > 1
         ]
         tolerance = NARROW * max(spreads, default=0.0)
+        scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
         for index, stage in enumerate(space.stages):
             scores = [v for (s, _), v in probe.items() if s == stage]
             if len(scores) > 1 and max(scores) - min(scores) < tolerance:
@@ -230,12 +232,18 @@ class InsightStrategy(Strategy):
             def fits(samples: dict[str, int]) -> bool:
                 return context.fits(space.plan(with_stage(rebuilt(samples))))
 
+            here_score = scored.get(space.plan(base).plan_id)
+            plateaued = False  # insight 2: the last doubling of a node gained under ``plateau``, so stop growing it
             for model, n in counts.items():
                 bigger = _next(space.n_choices[model], n, +1)
-                if bigger is not None:
+                smaller = _next(space.n_choices[model], n, -1)
+                halved = None if smaller is None else space.plan(with_stage(rebuilt({**counts, model: smaller})))
+                half = None if halved is None else scored.get(halved.plan_id)
+                flat = here_score is not None and half is not None and here_score - half < self.plateau
+                plateaued = plateaued or flat
+                if bigger is not None and not flat:
                     note = f"grow {model} to {bigger} samples"
                     yield _Move("grow", with_stage(rebuilt({**counts, model: bigger})), note, model)
-                smaller = _next(space.n_choices[model], n, -1)
                 if smaller is not None:
                     yield _Move("shrink", with_stage(rebuilt({**counts, model: smaller})), f"shrink {model} to {smaller}", model)
                 paid_for = False
@@ -282,7 +290,7 @@ class InsightStrategy(Strategy):
                     rest = {k: v for k, v in counts.items() if k != model}
                     yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture", model)
             # Insight 2, boldly: scale every node of the stage by the largest power of two that fits.
-            filled = _fill(space, base, index, counts, context, rebuilt)
+            filled = None if plateaued else _fill(space, base, index, counts, context, rebuilt)
             if filled is not None:
                 yield _Move("fill", filled[0], f"scale stage {stage} up x{filled[1]} to use the budget")
             if len(counts) < space.max_models:
@@ -298,7 +306,7 @@ class InsightStrategy(Strategy):
                         mixed = {**counts, other: n}
                         if n != low:
                             yield _Move("mix", with_stage(rebuilt(mixed)), f"mix in {other} x{n}", f"{other} matched")
-                        filled = _fill(space, with_stage(rebuilt(mixed)), index, mixed, context, rebuilt)
+                        filled = None if plateaued else _fill(space, with_stage(rebuilt(mixed)), index, mixed, context, rebuilt)
                         if filled is not None:
                             yield _Move("fill", filled[0], f"mix in {other} and scale up x{filled[1]} to use the budget")
                         paid = dict(counts)
