@@ -228,3 +228,26 @@ def test_a_node_whose_last_doubling_gained_under_the_plateau_stops_growing(env, 
 
     assert growing(0.70) == {"grow", "fill"}  # the doubling to 16 gained 10 points: keep going
     assert growing(0.798) == set()  # it gained 0.2 points: the node has plateaued
+
+
+def test_downsize_from_the_top_of_the_range_keeps_the_count_and_frees_budget() -> None:
+    from executors.simulated import SimulatedEnvironment
+
+    sim = SimulatedEnvironment(stages=3, seed=0)
+    sim_space = SearchSpace.from_info(sim.info)
+    top = max(sim_space.n_choices["sim-70B"])
+    incumbent = sim_space.plan([StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", top),)), StageChoice((("sim-1B", 1),))])
+    budget = Budget(limit=sim.estimate_cost(incumbent).flops * 2, unit="flops")
+    scores = {("stage2", "sim-1B"): 0.13, ("stage2", "sim-70B"): 0.15, ("stage3", "sim-1B"): 0.13, ("stage3", "sim-70B"): 0.54}
+    probes = [
+        trial(i, incumbent, score, {"phase": "probe", "stage": stage, "model": m})
+        for i, ((stage, m), score) in enumerate(scores.items())
+    ]
+    ctx = StudyContext(sim_space, budget, sim.info, sim.estimate_cost, tuple(probes), 0)
+    base = tuple(sim_space.choices_of(incumbent))
+    moves = [m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind == "downsize" and m.choices[1] != base[1]]
+    # stage 2 is narrow (2 points against stage 3's 41): its cheaper models, probed or not, are worth a try
+    assert {m.detail for m in moves} == {"sim-1B", "sim-3B", "sim-8B"}
+    for move in moves:
+        assert dict(move.choices[1].samples) == {move.detail: top}
+        assert ctx.spent(sim_space.plan(move.choices)) < ctx.spent(incumbent)

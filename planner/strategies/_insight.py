@@ -269,8 +269,8 @@ class InsightStrategy(Strategy):
                         if paid is not None:
                             note = f"swap {model} for better-probed {other} x{count}, paid for by fewer samples elsewhere"
                             yield _Move("swap", paid, note, other)
-                # Insight 1 at equal cost: a cheaper model with more samples (as many as the same spend buys) can
-                # beat a better-probed one.
+                # Insight 1 at equal cost: a cheaper model with more samples (as many as the same spend buys, or
+                # its most, which frees budget for the other stages) can beat a better-probed one.
                 rest = {k: v for k, v in counts.items() if k != model}
                 here = context.spent(space.plan(base))
                 for other in ranked_models:
@@ -281,7 +281,8 @@ class InsightStrategy(Strategy):
                     more = [
                         c
                         for c in sorted(space.n_choices[other], reverse=True)
-                        if c > n and context.spent(space.plan(with_stage(rebuilt({**rest, other: c})))) <= here * (1 + 1e-9)
+                        if (c > n or c == max(space.n_choices[other]))
+                        and context.spent(space.plan(with_stage(rebuilt({**rest, other: c})))) <= here * (1 + 1e-9)
                     ]
                     if more:
                         note = f"downsize {model} to cheaper {other} x{more[0]}"
