@@ -10,9 +10,11 @@ Each ``propose(context, n)`` runs the agent's graph (compiled once per instance)
       │               │
       └─────────> fallback ───────────────────────────────────────> END
 
-- ``probe`` (insight 1): every model of every stage at the space's smallest sample count, no cap (the widest
-  cap that fits where that is over budget), the other stages at a fixed cheap default (each stage's cheapest
-  single sample), until each (stage, model) pair has a trial. No LLM.
+- ``probe`` (insight 1): models at the space's smallest sample count, no cap (the widest cap that fits where
+  that is over budget), the other stages at a fixed cheap default (each stage's cheapest single sample):
+  first each stage's cheapest and costliest model, then every other model on the stages where those two
+  differ by at least ``NARROW`` of the widest stage's spread (``wide_stages``), so probes go where the model
+  choice shows in the score. No LLM.
 - ``queued``: candidates the planner proposed in an earlier round beyond what that call needed (it is
   asked for ``batch`` at a time), still new and within budget. No LLM.
 - ``guidelines`` (insights 2 and 3): the planner reads the trial history (plan, score, spread, cost in
