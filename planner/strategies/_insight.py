@@ -151,11 +151,11 @@ class InsightStrategy(Strategy):
         return out
 
     def _probes(self, context: StudyContext) -> Iterator[tuple[Plan, list[tuple[str, str]]]]:
-        """Insight 1: models probed one stage at a time at their smallest count, the other stages at an
-        anchor; yields each probe plan with the (stage, model) pairs it measures (the anchor plan measures
-        the anchor model on every stage).
+        """Insight 1: models probed one stage at a time at their smallest count, the other stages at the
+        anchor (each stage's cheapest model, as AgentTTS's cheap default); yields each probe plan with the
+        (stage, model) pairs it measures (the anchor plan measures the anchor model on every stage).
 
-        First each stage's cheapest and costliest model (and the anchor's); then the others, only on
+        First each stage's cheapest and costliest model; then the others, only on
         stages whose first probes differ by at least ``NARROW`` of the widest stage's spread: where the
         model hardly changes the score, which one is left to the search (downsize moves), and probes are
         spent where the choice matters."""
@@ -552,10 +552,19 @@ def _probe_scores(context: StudyContext, space: SearchSpace) -> dict[tuple[str, 
 
 
 def _cheapest_fitting(space: SearchSpace, stage: str, context: StudyContext) -> StageChoice:
-    """The anchor of a stage while others are probed: its mid-sized model at the smallest count."""
-    models = space.stage_models[stage]
-    model = models[(len(models) - 1) // 2]
-    return StageChoice(((model, min(space.n_choices[model])),), _widest_cap(space))
+    """The anchor of a stage while others are probed: its cheapest model at the smallest count."""
+    index = space.stages.index(stage)
+    cap = _widest_cap(space)
+
+    def spent(model: str) -> float:
+        choices = [
+            StageChoice(((space.stage_models[s][0], min(space.n_choices[space.stage_models[s][0]])),), cap) for s in space.stages
+        ]
+        choices[index] = StageChoice(((model, min(space.n_choices[model])),), cap)
+        return context.spent(space.plan(choices))
+
+    model = min(space.stage_models[stage], key=spent)
+    return StageChoice(((model, min(space.n_choices[model])),), cap)
 
 
 def _cap_order(cap: int | None) -> float:
