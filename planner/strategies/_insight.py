@@ -26,6 +26,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from graphs.errors import AllotError
 from graphs.plan import Plan
 from planner.space import SearchSpace, StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
@@ -274,7 +275,7 @@ class InsightStrategy(Strategy):
                 rest = {k: v for k, v in counts.items() if k != model}
                 here = context.spent(space.plan(base))
                 for other in ranked_models:
-                    if other in counts or context.spent(space.plan(with_stage(rebuilt({**rest, other: n})))) >= here:
+                    if other in counts or _spent(context, space.plan(with_stage(rebuilt({**rest, other: n})))) >= here:
                         continue
                     if probe.get((stage, other), 0.0) < probe.get((stage, model), 0.0) - tolerance:
                         continue
@@ -282,7 +283,7 @@ class InsightStrategy(Strategy):
                         c
                         for c in sorted(space.n_choices[other], reverse=True)
                         if (c > n or c == max(space.n_choices[other]))
-                        and context.spent(space.plan(with_stage(rebuilt({**rest, other: c})))) <= here * (1 + 1e-9)
+                        and _spent(context, space.plan(with_stage(rebuilt({**rest, other: c})))) <= here * (1 + 1e-9)
                     ]
                     if more:
                         note = f"downsize {model} to cheaper {other} x{more[0]}"
@@ -427,7 +428,7 @@ def _impute(
 
     def spent(model: str) -> float:
         choice = StageChoice(((model, min(space.n_choices[model])),), base[index].cap)
-        return context.spent(space.plan(tuple(choice if i == index else c for i, c in enumerate(base))))
+        return _spent(context, space.plan(tuple(choice if i == index else c for i, c in enumerate(base))))
 
     ranked = sorted(space.stage_models[stage], key=spent)
     known = [i for i, m in enumerate(ranked) if (stage, m) in probe]
@@ -470,6 +471,15 @@ def _paid(
         _, i, m = max(payers)
         counts[i][m] = _next(space.n_choices[m], counts[i][m], -1)  # type: ignore[assignment]
     return build()
+
+
+def _spent(context: StudyContext, plan: Plan) -> float:
+    """``plan``'s cost in budget units; infinite where it cannot be costed (e.g. a prompt over a model's
+    context window), so a hypothetical plan the environment refuses is never preferred."""
+    try:
+        return context.spent(plan)
+    except AllotError:
+        return float("inf")
 
 
 def _probe_costs(context: StudyContext) -> dict[tuple[str, str], float]:
@@ -561,7 +571,7 @@ def _cheapest_fitting(space: SearchSpace, stage: str, context: StudyContext) -> 
             StageChoice(((space.stage_models[s][0], min(space.n_choices[space.stage_models[s][0]])),), cap) for s in space.stages
         ]
         choices[index] = StageChoice(((model, min(space.n_choices[model])),), cap)
-        return context.spent(space.plan(choices))
+        return _spent(context, space.plan(choices))
 
     model = min(space.stage_models[stage], key=spent)
     return StageChoice(((model, min(space.n_choices[model])),), cap)
