@@ -325,6 +325,37 @@ def test_grid_covers_only_the_feasible_plans(env) -> None:
     assert all(t.state is TrialState.COMPLETE for t in study.trials)
 
 
+def test_random_draws_without_listing_the_space_and_uniformly_over_the_feasible_plans(env, monkeypatch) -> None:
+    small = SearchSpace(
+        stages=("answer",),
+        stage_models={"answer": MODELS},
+        n_choices=dict.fromkeys(MODELS, (1, 2, 4)),
+        caps=(None,),
+        early_stop=(None,),
+        max_models=1,
+    )
+    budget = Budget(limit=250)
+    feasible = [p.plan_id for p in small.enumerate() if budget.allows(env.estimate_cost(p))]
+    listed = []
+    original = SearchSpace.enumerate
+    monkeypatch.setattr(SearchSpace, "enumerate", lambda self: listed.append(1) or original(self))
+    firsts = []
+    for seed in range(300):
+        study = new_study(env, small, "random", seed=seed, budget=budget)
+        study.optimize(1)
+        firsts.append(study.trials[0].plan_id)
+    assert not listed, "a first draw needs no list of the space"
+    assert set(firsts) == set(feasible)  # every feasible plan can come first, nothing else does
+    # roughly uniform: each of the k feasible plans comes first about 300 / k times
+    counts = [firsts.count(p) for p in feasible]
+    assert max(counts) < 3 * 300 / len(feasible) and min(counts) > 300 / len(feasible) / 3
+    # once draws keep missing (every feasible plan tried), the plans are listed and the search stops
+    study = new_study(env, small, "random", budget=budget)
+    study.optimize(len(feasible) + 5)
+    assert sorted(t.plan_id for t in study.trials) == sorted(feasible)
+    assert listed
+
+
 # -- create_study ---------------------------------------------------------------------------------------
 
 
