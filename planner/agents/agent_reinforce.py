@@ -318,10 +318,14 @@ class AgentReinforceStrategy(Strategy):
                 index, pick = divmod(index, len(graphs))
                 stages.append(graphs[pick])
             plan = Plan.model_construct(stages=tuple(reversed(stages)))  # valid stages of distinct names
-            if not fits(context, plan):
+            try:
+                cost = context.estimate_cost(plan)  # costed once: the budget check and the ranking share it
+            except AllotError:
+                continue  # a plan the environment cannot run
+            if not context.budget.allows(cost):
                 continue
             key = tuple(stage.models for stage in plan.stages)
-            spent = context.spent(plan)
+            spent = context.budget.spent(cost)
             if key not in best or spent > best[key][0]:
                 best[key] = (spent, plan)
         ranked = [plan for _, plan in sorted(best.values(), key=lambda item: (-item[0], item[1].plan_id))]
