@@ -205,17 +205,17 @@ class InsightStrategy(Strategy):
         probe = _probe_scores(context, space)
         # A stage's model choice matters as much as its probes differ: models that probed within ``NARROW`` of
         # the widest stage's spread of the current one count as equally good (worth a cheaper model there).
-        spreads = [
-            max(scores) - min(scores)
+        spread = {
+            stage: max(scores) - min(scores)
             for stage in space.stages
             if len(scores := [v for (s, _), v in probe.items() if s == stage]) > 1
-        ]
-        tolerance = NARROW * max(spreads, default=0.0)
-        scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
+        }
+        tolerance = NARROW * max(spread.values(), default=0.0)
         for index, stage in enumerate(space.stages):
-            scores = [v for (s, _), v in probe.items() if s == stage]
-            if len(scores) > 1 and max(scores) - min(scores) < tolerance:
+            if stage in spread and spread[stage] < tolerance:
                 _impute(space, base, index, probe, context)
+        scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
+        here = _spent(context, space.plan(base))
         for index, stage in enumerate(space.stages):
             choice = base[index]
             counts = dict(choice.samples)
@@ -273,7 +273,6 @@ class InsightStrategy(Strategy):
                 # Insight 1 at equal cost: a cheaper model with more samples (as many as the same spend buys, or
                 # its most, which frees budget for the other stages) can beat a better-probed one.
                 rest = {k: v for k, v in counts.items() if k != model}
-                here = context.spent(space.plan(base))
                 for other in ranked_models:
                     if other in counts or _spent(context, space.plan(with_stage(rebuilt({**rest, other: n})))) >= here:
                         continue
