@@ -29,7 +29,7 @@ from graphs.cost import Cost
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-__all__ = ["PlannerCall", "PlannerLLM", "extract_json", "scripted_model"]
+__all__ = ["PlannerCall", "PlannerLLM", "extract_json", "planner_llm", "scripted_model"]
 
 Schema = TypeVar("Schema", bound=BaseModel)
 Message = dict[str, str]
@@ -207,6 +207,24 @@ class PlannerLLM:
         total.usd += call.usd
         total.seconds += call.seconds
         total.errors += call.errors
+
+
+def planner_llm(
+    model: str | None, *, api_base: str | None, batch: int, max_attempts: int, max_tokens: int, timeout_s: float
+) -> PlannerLLM | None:
+    """An agent's planner (``None`` without a model), after checking the settings every agent shares, so a
+    bad one fails when the strategy is built, with a planner model or without."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if not model:
+        return None
+    return PlannerLLM(model, api_base=api_base, max_attempts=max_attempts, max_tokens=max_tokens, timeout_s=timeout_s)
 
 
 def _first_line(exc: Exception) -> str:

@@ -506,3 +506,15 @@ def test_random_draws_fill_when_the_heuristic_has_nothing(sim, monkeypatch) -> N
         assert trial.rationale.startswith("fallback to random draw: no planner model configured")
         assert trial.strategy_info["random"] is True
     assert_within_budget(study)
+
+
+@pytest.mark.parametrize("setting", [{"batch": 0}, {"max_attempts": 0}, {"max_tokens": 0}, {"timeout_s": 0.0}])
+@pytest.mark.parametrize("planner", [None, "scripted"])
+def test_bad_planner_settings_fail_when_the_agent_is_built(setting: dict, planner: str | None) -> None:
+    from planner.agents.agent_reinforce import AgentReinforceStrategy
+
+    model = None if planner is None else scripted_model("settings", lambda messages: "{}")
+    (name,) = setting
+    for cls in (AgentTTSStrategy, AgentReinforceStrategy):
+        with pytest.raises(ValueError, match=name):
+            cls(seed=0, planner_model=model, **setting)

@@ -54,7 +54,7 @@ from graphs.cost import Cost
 from graphs.errors import AllotError
 from graphs.plan import Plan, Role, StageGraph
 from graphs.probabilistic import ProbabilisticGraph, Violation
-from planner.llm import PlannerCall, PlannerLLM
+from planner.llm import PlannerCall, planner_llm
 from planner.space import StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
 from planner.strategies._reinforce import (
@@ -183,16 +183,8 @@ class AgentReinforceStrategy(Strategy):
         timeout_s: float = 60.0,
         learning_rate: float = 0.5,
     ) -> None:
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.planner_model = planner_model
         self.api_base = api_base
         self.batch = int(batch)
@@ -202,16 +194,8 @@ class AgentReinforceStrategy(Strategy):
         self.timeout_s = float(timeout_s)
         self.learning_rate = float(learning_rate)
         self.baseline_decay = 0.7
-        self._llm = (
-            PlannerLLM(
-                planner_model,
-                api_base=api_base,
-                max_attempts=max_attempts,
-                max_tokens=self.max_tokens,
-                timeout_s=self.timeout_s,
-            )
-            if planner_model
-            else None
+        self._llm = planner_llm(
+            planner_model, api_base=api_base, batch=batch, max_attempts=max_attempts, max_tokens=max_tokens, timeout_s=timeout_s
         )
         super().__init__(seed)
         self._graph = self._build_graph()

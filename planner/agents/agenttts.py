@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from graphs.cost import Budget, BudgetUnit, Cost
 from graphs.errors import AllotError
 from graphs.plan import Plan
-from planner.llm import PlannerCall, PlannerLLM
+from planner.llm import PlannerCall, planner_llm
 from planner.space import StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
 from planner.strategies._insight import InsightStrategy, wide_stages
@@ -433,30 +433,14 @@ class AgentTTSStrategy(Strategy):
         max_tokens: int = 2048,
         timeout_s: float = 60.0,
     ) -> None:
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.planner_model = planner_model
         self.api_base = api_base
         self.batch = int(batch)
         self.max_attempts = int(max_attempts)
         self.max_tokens = int(max_tokens)
         self.timeout_s = float(timeout_s)
-        self._llm = (
-            PlannerLLM(
-                planner_model,
-                api_base=api_base,
-                max_attempts=max_attempts,
-                max_tokens=self.max_tokens,
-                timeout_s=self.timeout_s,
-            )
-            if planner_model
-            else None
+        self._llm = planner_llm(
+            planner_model, api_base=api_base, batch=batch, max_attempts=max_attempts, max_tokens=max_tokens, timeout_s=timeout_s
         )
         super().__init__(seed)
         self._graph = self._build_graph()
