@@ -307,7 +307,11 @@ def test_grid_exhausts_a_tiny_space_then_stops(env) -> None:
     assert len(resumed.trials) == 4
 
 
-def test_grid_covers_only_the_feasible_plans(env) -> None:
+SMALL_BUDGET = Budget(limit=250)
+
+
+def small_space_and_feasible(env) -> tuple[SearchSpace, list[str]]:  # type: ignore[no-untyped-def]
+    """One stage, every model at 1, 2 or 4 samples, and the ids of its plans within ``SMALL_BUDGET``."""
     small = SearchSpace(
         stages=("answer",),
         stage_models={"answer": MODELS},
@@ -316,32 +320,26 @@ def test_grid_covers_only_the_feasible_plans(env) -> None:
         early_stop=(None,),
         max_models=1,
     )
-    budget = Budget(limit=250)
-    feasible = {p.plan_id for p in small.enumerate() if budget.allows(env.estimate_cost(p))}
+    return small, [p.plan_id for p in small.enumerate() if SMALL_BUDGET.allows(env.estimate_cost(p))]
+
+
+def test_grid_covers_only_the_feasible_plans(env) -> None:
+    small, feasible = small_space_and_feasible(env)
     assert 0 < len(feasible) < small.size()
-    study = new_study(env, small, "grid", budget=budget)
+    study = new_study(env, small, "grid", budget=SMALL_BUDGET)
     study.optimize(100)
-    assert {t.plan_id for t in study.trials} == feasible
+    assert {t.plan_id for t in study.trials} == set(feasible)
     assert all(t.state is TrialState.COMPLETE for t in study.trials)
 
 
 def test_random_draws_without_listing_the_space_and_uniformly_over_the_feasible_plans(env, monkeypatch) -> None:
-    small = SearchSpace(
-        stages=("answer",),
-        stage_models={"answer": MODELS},
-        n_choices=dict.fromkeys(MODELS, (1, 2, 4)),
-        caps=(None,),
-        early_stop=(None,),
-        max_models=1,
-    )
-    budget = Budget(limit=250)
-    feasible = [p.plan_id for p in small.enumerate() if budget.allows(env.estimate_cost(p))]
+    small, feasible = small_space_and_feasible(env)
     listed = []
     original = SearchSpace.enumerate
     monkeypatch.setattr(SearchSpace, "enumerate", lambda self: listed.append(1) or original(self))
     firsts = []
     for seed in range(300):
-        study = new_study(env, small, "random", seed=seed, budget=budget)
+        study = new_study(env, small, "random", seed=seed, budget=SMALL_BUDGET)
         study.optimize(1)
         firsts.append(study.trials[0].plan_id)
     assert not listed, "a first draw needs no list of the space"
@@ -350,7 +348,7 @@ def test_random_draws_without_listing_the_space_and_uniformly_over_the_feasible_
     counts = [firsts.count(p) for p in feasible]
     assert max(counts) < 3 * 300 / len(feasible) and min(counts) > 300 / len(feasible) / 3
     # once draws keep missing (every feasible plan tried), the plans are listed and the search stops
-    study = new_study(env, small, "random", budget=budget)
+    study = new_study(env, small, "random", budget=SMALL_BUDGET)
     study.optimize(len(feasible) + 5)
     assert sorted(t.plan_id for t in study.trials) == sorted(feasible)
     assert listed

@@ -748,6 +748,7 @@ class AgentTTSStrategy(Strategy):
             + "):"
         )
         lines.append("stage | model | score | plan cost | cost per extra sample")
+        wide = self._wide_stages(context)
         for (stage, model), plan_id in setup.probe_of.items():
             cost = setup.probe_costs[(stage, model)]
             trial = by_plan.get(plan_id)
@@ -759,7 +760,7 @@ class AgentTTSStrategy(Strategy):
                 score = "not runnable"
             elif not setup.probe_fits[plan_id]:
                 score = "over budget"
-            elif (wide := self._wide_stages(context)) is not None and stage not in wide:
+            elif wide is not None and stage not in wide:
                 score = "not probed (the stage's cheapest and costliest models scored about the same)"
             else:
                 score = "pending"

@@ -215,7 +215,8 @@ class InsightStrategy(Strategy):
             if stage in spread and spread[stage] < tolerance:
                 _impute(space, base, index, probe, context)
         scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
-        here = _spent(context, space.plan(base))
+        incumbent = space.plan(base)
+        here, here_score = _spent(context, incumbent), scored.get(incumbent.plan_id)
         for index, stage in enumerate(space.stages):
             choice = base[index]
             counts = dict(choice.samples)
@@ -226,16 +227,14 @@ class InsightStrategy(Strategy):
 
             def rebuilt(samples: dict[str, int], stage: str = stage, choice: StageChoice = choice) -> StageChoice:
                 order = space.stage_models[stage]
-                ordered = tuple(sorted(samples.items(), key=lambda mn: order.index(mn[0])))
-                stop = choice.early_stop if choice.early_stop is None or sum(samples.values()) > choice.early_stop else None
-                return replace(choice, samples=ordered, early_stop=stop)
+                return _with_samples(choice, dict(sorted(samples.items(), key=lambda mn: order.index(mn[0]))))
 
             def fits(samples: dict[str, int]) -> bool:
                 return context.fits(space.plan(with_stage(rebuilt(samples))))
 
-            here_score = scored.get(space.plan(base).plan_id)
             plateaued = False  # insight 2: the last doubling of a node gained under ``plateau``, so stop growing it
             for model, n in counts.items():
+                rest = {k: v for k, v in counts.items() if k != model}
                 bigger = _next(space.n_choices[model], n, +1)
                 smaller = _next(space.n_choices[model], n, -1)
                 halved = None if smaller is None else space.plan(with_stage(rebuilt({**counts, model: smaller})))
@@ -253,7 +252,6 @@ class InsightStrategy(Strategy):
                         continue
                     # The better model at the most samples (up to the current count) the budget allows: a
                     # better model usually costs more per sample, so keeping the count would not fit.
-                    rest = {k: v for k, v in counts.items() if k != model}
                     fitting = [c for c in sorted(space.n_choices[other], reverse=True) if c <= max(n, 1)]
                     count = next((c for c in fitting if fits({**rest, other: c})), None)
                     if count is not None:
@@ -272,7 +270,6 @@ class InsightStrategy(Strategy):
                             yield _Move("swap", paid, note, other)
                 # Insight 1 at equal cost: a cheaper model with more samples (as many as the same spend buys, or
                 # its most, which frees budget for the other stages) can beat a better-probed one.
-                rest = {k: v for k, v in counts.items() if k != model}
                 for other in ranked_models:
                     if other in counts or _spent(context, space.plan(with_stage(rebuilt({**rest, other: n})))) >= here:
                         continue
@@ -288,7 +285,6 @@ class InsightStrategy(Strategy):
                         note = f"downsize {model} to cheaper {other} x{more[0]}"
                         yield _Move("downsize", with_stage(rebuilt({**rest, other: more[0]})), note, other)
                 if len(counts) > 1:
-                    rest = {k: v for k, v in counts.items() if k != model}
                     yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture", model)
             # Insight 2, boldly: scale every node of the stage by the largest power of two that fits.
             filled = None if plateaued else _fill(space, base, index, counts, context, rebuilt)
@@ -452,11 +448,7 @@ def _paid(
     counts = [dict(c.samples) for c in choices]
 
     def build() -> tuple[StageChoice, ...]:
-        out = []
-        for choice, samples in zip(choices, counts, strict=True):
-            stop = choice.early_stop if choice.early_stop is None or sum(samples.values()) > choice.early_stop else None
-            out.append(replace(choice, samples=tuple(samples.items()), early_stop=stop))
-        return tuple(out)
+        return tuple(_with_samples(choice, samples) for choice, samples in zip(choices, counts, strict=True))
 
     while not context.fits(space.plan(build())):
         payers = [
@@ -470,6 +462,13 @@ def _paid(
         _, i, m = max(payers)
         counts[i][m] = _next(space.n_choices[m], counts[i][m], -1)  # type: ignore[assignment]
     return build()
+
+
+def _with_samples(choice: StageChoice, samples: dict[str, int]) -> StageChoice:
+    """``choice`` with other sample counts; its early-stop rule is dropped where the stage no longer draws more
+    samples than the rule waits for (the space allows such a rule only above it)."""
+    stop = choice.early_stop if choice.early_stop is None or sum(samples.values()) > choice.early_stop else None
+    return replace(choice, samples=tuple(samples.items()), early_stop=stop)
 
 
 def _spent(context: StudyContext, plan: Plan) -> float:
