@@ -8,15 +8,23 @@
    stages), judged by the whole plan's score, so an earlier stage's allocation is re-tuned when a later
    stage changes what it needs.
 
-After the probes the search is a best-first local search around the incumbent (the best plan so far):
-each candidate move (double or halve a node's samples, swap a model for a better-probed one at a count that
-fits or paid for by fewer samples on the other stages, downsize to a cheaper model that probed about as
-well at the samples the same spend buys, add a model to a mixture at its smallest count, or
-paid for by fewer samples of the others, drop one, step the thinking cap to the next tighter or looser one,
-change the early-stop rule) gets a predicted gain from what the same kind of move gained before in this
-study, refined by what it gained on the same model, rule or cap direction (each mean shrunk toward the level
-above, so one trial does not decide), plus a bonus for using more of the budget, since compute helps until
-it plateaus. Everything is derived from the stored trials, so the strategy resumes without state of its own.
+After the probes the search is a best-first local search around the incumbent (the best plan so far).
+Its moves:
+
+- grow or shrink: double or halve a node's samples; halving a node whose count a jump set (a move other
+  than a doubling, or the assembly) is a ``check``: nothing has shown that half as many samples do worse,
+  and past a model's plateau they do better and free budget;
+- swap a model for a better-probed one at a count that fits, or paid for by fewer samples on the other stages;
+- downsize to a cheaper model that probed about as well, at the samples the same spend buys (and again with
+  the saving spent on doubling a node of another stage, where that fits);
+- mix a model in at its smallest count (or paid for by fewer samples of the others), or drop one;
+- step the thinking cap to the next tighter or looser one; change the early-stop rule;
+- trade budget between two stages.
+
+Each move gets a predicted gain from what the same kind of move gained before in this study, refined by what
+it gained on the same model, rule or cap direction (each mean shrunk toward the level above, so one trial
+does not decide), plus a bonus for using more of the budget, since compute helps until it plateaus.
+Everything is derived from the stored trials, so the strategy resumes without state of its own.
 The default strategy when no planner LLM is configured, and every agent's fallback.
 """
 
@@ -44,6 +52,7 @@ PRIOR_GAIN = {
     "stop": 0.004,
     "cap": 0.002,
     "downsize": -0.003,
+    "check": 0.01,
     "shrink": -0.005,
     "drop": -0.005,
 }
@@ -126,7 +135,7 @@ class InsightStrategy(Strategy):
             if rank >= self.parents and len(candidates) >= n - len(out):
                 break
             base = tuple(space.choices_of(incumbent.plan))
-            for move in self._moves(space, base, context):
+            for move in self._moves(space, base, context, _jumped(space, incumbent, context.trials)):
                 plan = space.plan(move.choices)
                 if plan.plan_id in tried or not context.fits(plan):
                     continue
@@ -201,7 +210,9 @@ class InsightStrategy(Strategy):
         wide = wide_stages({key: scores[key] for key in first})
         yield from emit([k for k in later if k[0] in wide])
 
-    def _moves(self, space: SearchSpace, base: tuple[StageChoice, ...], context: StudyContext) -> Iterator[_Move]:
+    def _moves(
+        self, space: SearchSpace, base: tuple[StageChoice, ...], context: StudyContext, jumped: frozenset[int] = frozenset()
+    ) -> Iterator[_Move]:
         probe = _probe_scores(context, space)
         # A stage's model choice matters as much as its probes differ: models that probed within ``NARROW`` of
         # the widest stage's spread of the current one count as equally good (worth a cheaper model there).
@@ -245,7 +256,12 @@ class InsightStrategy(Strategy):
                     note = f"grow {model} to {bigger} samples"
                     yield _Move("grow", with_stage(rebuilt({**counts, model: bigger})), note, model)
                 if smaller is not None:
-                    yield _Move("shrink", with_stage(rebuilt({**counts, model: smaller})), f"shrink {model} to {smaller}", model)
+                    kind, note = (
+                        ("check", f"check {model} at {smaller}: a jump set its count")
+                        if index in jumped
+                        else ("shrink", f"shrink {model} to {smaller}")
+                    )
+                    yield _Move(kind, with_stage(rebuilt({**counts, model: smaller})), note, model)
                 paid_for = False
                 for other in ranked_models:
                     if other in counts or probe.get((stage, other), 0.0) < probe.get((stage, model), 0.0):
@@ -283,7 +299,12 @@ class InsightStrategy(Strategy):
                     ]
                     if more:
                         note = f"downsize {model} to cheaper {other} x{more[0]}"
-                        yield _Move("downsize", with_stage(rebuilt({**rest, other: more[0]})), note, other)
+                        downsized = with_stage(rebuilt({**rest, other: more[0]}))
+                        yield _Move("downsize", downsized, note, other)
+                        # Counts come in doublings, so the same spend is seldom matched: what is left over
+                        # doubles a node of another stage where that now fits (insight 3).
+                        for grown, where in _reinvested(space, downsized, index, context):
+                            yield _Move("downsize", grown, f"{note}, the saving spent on {where}", other)
                 if len(counts) > 1:
                     yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture", model)
             # Insight 2, boldly: scale every node of the stage by the largest power of two that fits.
@@ -346,6 +367,36 @@ class InsightStrategy(Strategy):
                 traded[other_index] = replace(base[other_index], samples=tuple({**giver, model: smaller}.items()))
                 note = f"move budget from stage {other_stage} to stage {stage}"
                 yield _Move("trade", tuple(traded), note, f"{other_stage}>{stage}")
+
+
+def _reinvested(
+    space: SearchSpace, choices: tuple[StageChoice, ...], index: int, context: StudyContext
+) -> Iterator[tuple[tuple[StageChoice, ...], str]]:
+    """``choices`` with one node of a stage other than ``index`` doubled, for each such node that then fits."""
+    for other_index, choice in enumerate(choices):
+        if other_index == index:
+            continue
+        counts = dict(choice.samples)
+        for model, n in counts.items():
+            bigger = _next(space.n_choices[model], n, +1)
+            if bigger is None:
+                continue
+            grown = tuple(_with_samples(c, {**counts, model: bigger}) if i == other_index else c for i, c in enumerate(choices))
+            if context.fits(space.plan(grown)):
+                yield grown, f"{model} x{bigger} on stage {space.stages[other_index]}"
+
+
+def _jumped(space: SearchSpace, trial: FrozenTrial, trials: Sequence[FrozenTrial]) -> frozenset[int]:
+    """The stages whose sample counts ``trial`` set by a jump (assembled, or changed by a move other than a
+    doubling or halving): no trial has shown that half as many samples there do worse."""
+    info = trial.strategy_info
+    if info.get("phase") == "assemble":
+        return frozenset(range(len(space.stages)))
+    parent = next((t for t in trials if t.number == info.get("parent", -1)), None)
+    if parent is None or info.get("move") in ("grow", "shrink", "check"):
+        return frozenset()
+    old, new = space.choices_of(parent.plan), space.choices_of(trial.plan)
+    return frozenset(i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a.samples != b.samples)
 
 
 def wide_stages(probes: Mapping[tuple[str, str], float]) -> set[str]:
