@@ -39,6 +39,7 @@ test: $(STAMP) $(LLM_STAMP)
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
 # Every benchmark: replay scoring, planner step, executor overhead and the sample-reuse saving on the

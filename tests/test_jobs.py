@@ -361,7 +361,6 @@ def test_cli_task_submit_drain_feedback(tmp_path: Path, monkeypatch: pytest.Monk
     assert "succeeded" in listed.output  # type: ignore[attr-defined]
 
 
-
 def test_review_page_shows_a_jobs_answer_score_and_feedback(dispatcher: Dispatcher, storage: SQLStorage) -> None:
     from fastapi.testclient import TestClient
 
