@@ -230,40 +230,16 @@ def test_a_node_whose_last_doubling_gained_under_the_plateau_stops_growing(env, 
     assert growing(0.798) == set()  # it gained 0.2 points: the node has plateaued
 
 
-def test_downsize_from_the_top_of_the_range_keeps_the_count_and_frees_budget() -> None:
+def _sim_setup(stage2_samples: int, budget_factor: float):  # type: ignore[no-untyped-def]
+    """The simulated 3-stage task, an incumbent of 1B / 70B x ``stage2_samples`` / 1B, a budget of
+    ``budget_factor`` times its cost, and probes that make stage 2 narrow (2 points against stage 3's 41)."""
     from executors.simulated import SimulatedEnvironment
 
     sim = SimulatedEnvironment(stages=3, seed=0)
     sim_space = SearchSpace.from_info(sim.info)
-    top = max(sim_space.n_choices["sim-70B"])
-    incumbent = sim_space.plan([StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", top),)), StageChoice((("sim-1B", 1),))])
-    budget = Budget(limit=sim.estimate_cost(incumbent).flops * 2, unit="flops")
-    scores = {("stage2", "sim-1B"): 0.13, ("stage2", "sim-70B"): 0.15, ("stage3", "sim-1B"): 0.13, ("stage3", "sim-70B"): 0.54}
-    probes = [
-        trial(i, incumbent, score, {"phase": "probe", "stage": stage, "model": m})
-        for i, ((stage, m), score) in enumerate(scores.items())
-    ]
-    ctx = StudyContext(sim_space, budget, sim.info, sim.estimate_cost, tuple(probes), 0)
-    base = tuple(sim_space.choices_of(incumbent))
-    moves = [
-        m
-        for m in InsightStrategy(0)._moves(sim_space, base, ctx)
-        if m.kind == "downsize" and m.choices[1] != base[1] and "saving" not in m.note
-    ]
-    # stage 2 is narrow (2 points against stage 3's 41): its cheaper models, probed or not, are worth a try
-    assert {m.detail for m in moves} == {"sim-1B", "sim-3B", "sim-8B"}
-    for move in moves:
-        assert dict(move.choices[1].samples) == {move.detail: top}
-        assert ctx.spent(sim_space.plan(move.choices)) < ctx.spent(incumbent)
-
-
-def _sim_setup(budget_factor: float):  # type: ignore[no-untyped-def]
-    """The simulated 3-stage task, an incumbent of 1B/70B x8/1B and its probes (stage 2 narrow)."""
-    from executors.simulated import SimulatedEnvironment
-
-    sim = SimulatedEnvironment(stages=3, seed=0)
-    sim_space = SearchSpace.from_info(sim.info)
-    incumbent = sim_space.plan([StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", 8),)), StageChoice((("sim-1B", 1),))])
+    incumbent = sim_space.plan(
+        [StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", stage2_samples),)), StageChoice((("sim-1B", 1),))]
+    )
     budget = Budget(limit=sim.estimate_cost(incumbent).flops * budget_factor, unit="flops")
     scores = {("stage2", "sim-1B"): 0.13, ("stage2", "sim-70B"): 0.15, ("stage3", "sim-1B"): 0.13, ("stage3", "sim-70B"): 0.54}
     probes = [
@@ -274,8 +250,26 @@ def _sim_setup(budget_factor: float):  # type: ignore[no-untyped-def]
     return sim_space, ctx, incumbent
 
 
+def test_downsize_from_the_top_of_the_range_keeps_the_count_and_frees_budget() -> None:
+    from executors.simulated import SimulatedEnvironment
+
+    top = max(SearchSpace.from_info(SimulatedEnvironment(stages=3, seed=0).info).n_choices["sim-70B"])
+    sim_space, ctx, incumbent = _sim_setup(top, 2.0)
+    base = tuple(sim_space.choices_of(incumbent))
+    moves = [
+        m
+        for m in InsightStrategy(0)._moves(sim_space, base, ctx)
+        if m.kind == "downsize" and m.choices[1] != base[1] and "saving" not in m.note
+    ]
+    # stage 2 is narrow: its cheaper models, probed or not, are worth a try
+    assert {m.detail for m in moves} == {"sim-1B", "sim-3B", "sim-8B"}
+    for move in moves:
+        assert dict(move.choices[1].samples) == {move.detail: top}
+        assert ctx.spent(sim_space.plan(move.choices)) < ctx.spent(incumbent)
+
+
 def test_downsize_spends_what_it_saves_on_doubling_one_node_of_another_stage() -> None:
-    sim_space, ctx, incumbent = _sim_setup(1.05)
+    sim_space, ctx, incumbent = _sim_setup(8, 1.05)
     base = tuple(sim_space.choices_of(incumbent))
     moves = [m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind == "downsize" and m.choices[1] != base[1]]
     plain = {m.detail: m for m in moves if "saving" not in m.note}
@@ -291,21 +285,22 @@ def test_downsize_spends_what_it_saves_on_doubling_one_node_of_another_stage() -
         assert model == same and n == 2 * before, "doubled"
         assert ctx.fits(sim_space.plan(move.choices))
         assert ctx.spent(sim_space.plan(move.choices)) > ctx.spent(sim_space.plan(downsized.choices))
-    # with no budget left over, the saving buys nothing more
-    sim_space, tight, incumbent = _sim_setup(1.0 + 1e-9)
+    # with the incumbent's own spend as the budget, only what a downsize saved is spent: every move still fits
+    sim_space, tight, incumbent = _sim_setup(8, 1.0 + 1e-9)
     downsized = [m for m in InsightStrategy(0)._moves(sim_space, base, tight) if m.kind == "downsize"]
+    assert any("saving" in m.note for m in downsized)
     assert all(tight.fits(sim_space.plan(m.choices)) for m in downsized)
 
 
 def test_a_count_set_by_a_jump_is_checked_at_half_before_it_is_trusted() -> None:
-    sim_space, ctx, incumbent = _sim_setup(2.0)
+    sim_space, ctx, incumbent = _sim_setup(8, 2.0)
     base = tuple(sim_space.choices_of(incumbent))
     moved = sim_space.plan([base[0], StageChoice((("sim-8B", 64),)), base[2]])
     parent = trial(10, incumbent, 0.70, {"phase": "search", "move": "grow", "parent": 9})
     jump = trial(11, moved, 0.75, {"phase": "search", "move": "downsize", "parent": 10})
     grown = trial(12, moved, 0.76, {"phase": "search", "move": "grow", "parent": 11})
     assembled = trial(13, moved, 0.75, {"phase": "assemble"})
-    history = [parent, jump, grown, assembled]
+    history = {t.number: t for t in (parent, jump, grown, assembled)}
     assert _jumped(sim_space, jump, history) == {1}, "the downsize set stage 2's samples"
     assert _jumped(sim_space, grown, history) == set(), "a doubling is evidence for its count"
     assert _jumped(sim_space, assembled, history) == {0, 1, 2}

@@ -127,6 +127,7 @@ class InsightStrategy(Strategy):
                 out.append(Proposal(assembled, why, {"phase": "assemble"}))
         gains = _observed_gains(context.trials, space)
         incumbents = sorted(complete, key=lambda t: (-(t.score or 0.0), context.spent(t.plan), t.number))
+        by_number = {t.number: t for t in context.trials}
         # Best-first over the neighbourhoods of the ``parents`` best plans so far (the next ones once those
         # are tried out): a move is ranked by the score it is predicted to reach, its parent's score plus
         # what moves of its kind, and of its kind on the same model, rule or cap direction, gained so far.
@@ -135,7 +136,7 @@ class InsightStrategy(Strategy):
             if rank >= self.parents and len(candidates) >= n - len(out):
                 break
             base = tuple(space.choices_of(incumbent.plan))
-            for move in self._moves(space, base, context, _jumped(space, incumbent, context.trials)):
+            for move in self._moves(space, base, context, _jumped(space, incumbent, by_number)):
                 plan = space.plan(move.choices)
                 if plan.plan_id in tried or not context.fits(plan):
                     continue
@@ -386,13 +387,13 @@ def _reinvested(
                 yield grown, f"{model} x{bigger} on stage {space.stages[other_index]}"
 
 
-def _jumped(space: SearchSpace, trial: FrozenTrial, trials: Sequence[FrozenTrial]) -> frozenset[int]:
+def _jumped(space: SearchSpace, trial: FrozenTrial, by_number: Mapping[int, FrozenTrial]) -> frozenset[int]:
     """The stages whose sample counts ``trial`` set by a jump (assembled, or changed by a move other than a
     doubling or halving): no trial has shown that half as many samples there do worse."""
     info = trial.strategy_info
     if info.get("phase") == "assemble":
         return frozenset(range(len(space.stages)))
-    parent = next((t for t in trials if t.number == info.get("parent", -1)), None)
+    parent = by_number.get(info.get("parent", -1))
     if parent is None or info.get("move") in ("grow", "shrink", "check"):
         return frozenset()
     old, new = space.choices_of(parent.plan), space.choices_of(trial.plan)
