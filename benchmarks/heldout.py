@@ -9,7 +9,7 @@ depends on, and adds simulated tasks with other seeds and stage counts:
 - ``moe``: every problem, samples in another order, the largest model made a mixture-of-experts model (a
   fifth of its parameters active per token), so the cheapest way to a good score changes;
 - ``dropped``: five sixths of the problems, the middle-sized model removed;
-- simulated 3-stage (seed 1) and 2-stage (seed 2) tasks, beside the bench's own (seed 0).
+- simulated tasks of 2 to 4 stages with seeds 1 to 14 (``SIMULATED``), beside the bench's own (seed 0).
 
 It runs ``allot bench``'s machinery on them (every strategy given, the same seeds, exhaustive optimum) and
 prints, per task and budget, each strategy's regret after ``--trials`` trials / median trials to come
@@ -42,8 +42,9 @@ from executors.simulated import SimulatedEnvironment
 from planner.bench import BenchConfig, BenchResult, run_bench
 
 VARIANTS = ("noprobe", "moe", "dropped")
-SIMULATED = ((3, 1), (2, 2))
-"""(stages, seed) of the extra simulated tasks."""
+SIMULATED = ((3, 1), (2, 2), (3, 3), (3, 4), (4, 5), (2, 6), (3, 7), (4, 8), (3, 9), (2, 10), (4, 11), (3, 12), (3, 13), (4, 14))
+"""(stages, seed) of the extra simulated tasks: 2 to 4 stages, each seed drawing other curves, so one lucky
+task does not decide."""
 MOE_ACTIVE_SHARE = 0.2
 
 
@@ -131,6 +132,21 @@ def summarise(result: BenchResult, strategies: Sequence[str]) -> list[str]:
         title = f"| {row['benchmark']} | {100 * row['budget_fraction']:g}% | {row['optimum']['score']:.3f} | "
         lines.append(title + " | ".join(cells) + " |")
     lines.append("")
+    simulated = [row for row in result.results if row["kind"] == "simulated" and row["optimum"] is not None]
+    if simulated and {"tpe", "random"} <= set(strategies):
+        for name in strategies:
+            if name in ("tpe", "random"):
+                continue
+            ahead = sum(
+                row["strategies"][name]["regret_mean"]
+                < min(row["strategies"]["tpe"]["regret_mean"], row["strategies"]["random"]["regret_mean"])
+                for row in simulated
+            )
+            worst = max(row["strategies"][name]["regret_mean"] for row in simulated)
+            lines.append(
+                f"{name}: less regret than TPE and random on {ahead}/{len(simulated)} simulated settings (worst {worst:.1f} pt)"
+            )
+        lines.append("")
     for name, t in totals.items():
         n = len(t["trials"])
         lines.append(

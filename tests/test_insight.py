@@ -110,6 +110,8 @@ def test_downsize_tries_a_cheaper_model_about_as_good_at_the_samples_the_same_sp
     moves = [m for m in InsightStrategy(0)._moves(space, (space.choices_of(incumbent)[0],), ctx) if m.kind == "downsize"]
     # 1.7B and 0.6B probed far below 8B (over a quarter of the probes' spread): not worth a try
     assert [m.detail for m in moves] == ["Qwen3-4B"]
+    # on a single stage the probe measures the model directly, so it vetoes them as a resample too
+    assert not [m for m in InsightStrategy(0)._moves(space, (space.choices_of(incumbent)[0],), ctx) if m.kind == "resample"]
     (samples,) = (dict(m.choices[0].samples) for m in moves)
     assert samples.keys() == {"Qwen3-4B"} and samples["Qwen3-4B"] > 8
     spent = ctx.spent(space.plan(moves[0].choices))
@@ -308,3 +310,22 @@ def test_a_count_set_by_a_jump_is_checked_at_half_before_it_is_trusted() -> None
     halve = {(m.kind, m.detail) for m in moves if m.kind in ("check", "shrink")}
     assert ("check", "sim-8B") in halve and ("shrink", "sim-8B") not in halve
     assert PRIOR_GAIN["check"] > PRIOR_GAIN["shrink"], "a check is worth a trial before the study has tried one"
+
+
+def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_at_the_same_spend() -> None:
+    sim_space, ctx, _ = _sim_setup(2, 2.0)
+    incumbent = sim_space.plan([StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", 2),)), StageChoice((("sim-70B", 2),))])
+    base = tuple(sim_space.choices_of(incumbent))
+    moves = list(InsightStrategy(0)._moves(sim_space, base, ctx))
+    # stage 3's 1B probed 41 points below its 70B, the unprobed ones count as worse still: no downsize there,
+    # but each is resampled at the samples the same spend buys
+    assert not [m for m in moves if m.kind == "downsize" and m.choices[2] != base[2]]
+    resampled = [m for m in moves if m.kind == "resample" and m.choices[2] != base[2] and "saving" not in m.note]
+    assert sorted(m.detail for m in resampled) == ["sim-1B", "sim-3B", "sim-8B"]
+    here = ctx.spent(incumbent)
+    for move in resampled:
+        ((model, n),) = move.choices[2].samples
+        assert model == move.detail and n > 2 and move.choices[:2] == base[:2]
+        assert ctx.spent(sim_space.plan(move.choices)) <= here * (1 + 1e-9)
+    # weaker evidence than a downsize's, so it is ranked below one
+    assert PRIOR_GAIN["resample"] < PRIOR_GAIN["downsize"]

@@ -16,7 +16,9 @@ Its moves:
   and past a model's plateau they do better and free budget;
 - swap a model for a better-probed one at a count that fits, or paid for by fewer samples on the other stages;
 - downsize to a cheaper model that probed about as well, at the samples the same spend buys (and again with
-  the saving spent on doubling a node of another stage, where that fits);
+  the saving spent on doubling a node of another stage, where that fits); on a multi-stage task also to a
+  cheaper model that probed worse (``resample``, ranked below a downsize): a probe there is measured through
+  the other stages at their weakest, and one sample does not show what a model gains from many;
 - mix a model in at its smallest count (or paid for by fewer samples of the others), or drop one;
 - step the thinking cap to the next tighter or looser one; change the early-stop rule;
 - trade budget between two stages.
@@ -52,6 +54,7 @@ PRIOR_GAIN = {
     "stop": 0.004,
     "cap": 0.002,
     "downsize": -0.003,
+    "resample": -0.004,
     "check": 0.01,
     "shrink": -0.005,
     "drop": -0.005,
@@ -290,8 +293,14 @@ class InsightStrategy(Strategy):
                 for other in ranked_models:
                     if other in counts or _spent(context, space.plan(with_stage(rebuilt({**rest, other: n})))) >= here:
                         continue
+                    kind = "downsize"
                     if probe.get((stage, other), 0.0) < probe.get((stage, model), 0.0) - tolerance:
-                        continue
+                        if len(space.stages) < 2:
+                            continue
+                        # A one-sample probe cannot show how a model gains from samples, and on a multi-stage task
+                        # it is measured through the other stages at their weakest, which damps and hides what a
+                        # stage's model does: there it does not veto the cheaper model, which is tried last.
+                        kind = "resample"
                     more = [
                         c
                         for c in sorted(space.n_choices[other], reverse=True)
@@ -299,13 +308,13 @@ class InsightStrategy(Strategy):
                         and _spent(context, space.plan(with_stage(rebuilt({**rest, other: c})))) <= here * (1 + 1e-9)
                     ]
                     if more:
-                        note = f"downsize {model} to cheaper {other} x{more[0]}"
+                        note = f"{kind} {model} to cheaper {other} x{more[0]}"
                         downsized = with_stage(rebuilt({**rest, other: more[0]}))
-                        yield _Move("downsize", downsized, note, other)
+                        yield _Move(kind, downsized, note, other)
                         # Counts come in doublings, so the same spend is seldom matched: what is left over
                         # doubles a node of another stage where that now fits (insight 3).
                         for grown, where in _reinvested(space, downsized, index, context):
-                            yield _Move("downsize", grown, f"{note}, the saving spent on {where}", other)
+                            yield _Move(kind, grown, f"{note}, the saving spent on {where}", other)
                 if len(counts) > 1:
                     yield _Move("drop", with_stage(rebuilt(rest)), f"drop {model} from the mixture", model)
             # Insight 2, boldly: scale every node of the stage by the largest power of two that fits.
