@@ -9,7 +9,15 @@ from graphs.cost import Budget, Cost
 from planner.space import SearchSpace, StageChoice
 from planner.storage import InMemoryStorage
 from planner.strategies._base import StudyContext
-from planner.strategies._insight import PRIOR_GAIN, InsightStrategy, _jumped, _Move, _observed_gains, _predicted_gain
+from planner.strategies._insight import (
+    PRIOR_GAIN,
+    InsightStrategy,
+    _jumped,
+    _Move,
+    _observed_gains,
+    _predicted_gain,
+    _spend_share,
+)
 from planner.study import create_study
 from planner.trial import FrozenTrial, TrialState
 
@@ -329,3 +337,24 @@ def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_at
         assert ctx.spent(sim_space.plan(move.choices)) <= here * (1 + 1e-9)
     # weaker evidence than a downsize's, so it is ranked below one
     assert PRIOR_GAIN["resample"] < PRIOR_GAIN["downsize"]
+
+
+def test_a_downsize_keeps_its_parents_spend_bonus_and_its_reinvested_twin_earns_its_own() -> None:
+    sim_space, ctx, _ = _sim_setup(2, 2.0)
+    incumbent = sim_space.plan([StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", 2),)), StageChoice((("sim-70B", 2),))])
+    base = tuple(sim_space.choices_of(incumbent))
+    here = ctx.spent(incumbent) / ctx.budget.limit
+    cheaper = [m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind in ("downsize", "resample")]
+    plain = [m for m in cheaper if "saving" not in m.note]
+    assert plain and all(m.frees for m in plain)
+    for move in plain:
+        own = ctx.spent(sim_space.plan(move.choices)) / ctx.budget.limit
+        assert own < here, "a downsize frees budget"
+        assert _spend_share(ctx, move, sim_space.plan(move.choices), incumbent) == pytest.approx(here)
+    reinvested = [m for m in cheaper if "saving" in m.note]
+    assert reinvested and not any(m.frees for m in reinvested)
+    for move in reinvested:
+        plan = sim_space.plan(move.choices)
+        assert _spend_share(ctx, move, plan, incumbent) == pytest.approx(ctx.spent(plan) / ctx.budget.limit)
+    grow = next(m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind == "grow")
+    assert not grow.frees

@@ -25,7 +25,8 @@ Its moves:
 
 Each move gets a predicted gain from what the same kind of move gained before in this study, refined by what
 it gained on the same model, rule or cap direction (each mean shrunk toward the level above, so one trial
-does not decide), plus a bonus for using more of the budget, since compute helps until it plateaus.
+does not decide), plus a bonus for using more of the budget, since compute helps until it plateaus (a downsize
+that leaves budget free gets its parent's bonus: freeing budget is its point, and past a plateau it gains).
 Everything is derived from the stored trials, so the strategy resumes without state of its own.
 The default strategy when no planner LLM is configured, and every agent's fallback.
 """
@@ -73,6 +74,9 @@ class _Move:
     note: str
     detail: str = ""
     """What the move acts on (a model, a rule, a direction): evidence is pooled per kind and per detail."""
+    frees: bool = False
+    """A cheaper model at the same spend or less, the saving left for later moves: its spend bonus is its parent's,
+    so leaving budget free does not rank it below moves that only keep spending."""
 
     @property
     def key(self) -> str:
@@ -144,7 +148,7 @@ class InsightStrategy(Strategy):
                 if plan.plan_id in tried or not context.fits(plan):
                     continue
                 gain = _predicted_gain(gains, move)
-                spend = context.spent(plan) / context.budget.limit
+                spend = _spend_share(context, move, plan, incumbent.plan)
                 priority = (incumbent.score or 0.0) + gain + self.spend_bonus * spend + 1e-6 * self._rng.random()
                 if plan.plan_id not in candidates or priority > candidates[plan.plan_id][0]:
                     candidates[plan.plan_id] = (priority, move, plan, incumbent)
@@ -310,7 +314,7 @@ class InsightStrategy(Strategy):
                     if more:
                         note = f"{kind} {model} to cheaper {other} x{more[0]}"
                         downsized = with_stage(rebuilt({**rest, other: more[0]}))
-                        yield _Move(kind, downsized, note, other)
+                        yield _Move(kind, downsized, note, other, frees=True)
                         # Counts come in doublings, so the same spend is seldom matched: what is left over
                         # doubles a node of another stage where that now fits (insight 3).
                         for grown, where in _reinvested(space, downsized, index, context):
@@ -377,6 +381,13 @@ class InsightStrategy(Strategy):
                 traded[other_index] = replace(base[other_index], samples=tuple({**giver, model: smaller}.items()))
                 note = f"move budget from stage {other_stage} to stage {stage}"
                 yield _Move("trade", tuple(traded), note, f"{other_stage}>{stage}")
+
+
+def _spend_share(context: StudyContext, move: _Move, plan: Plan, parent: Plan) -> float:
+    """The share of the budget a move's spend bonus is computed on: its plan's, or for a move that frees budget
+    on purpose (``_Move.frees``), at least its parent's."""
+    spend = context.spent(plan) / context.budget.limit
+    return max(spend, context.spent(parent) / context.budget.limit) if move.frees else spend
 
 
 def _reinvested(
