@@ -19,7 +19,7 @@ plan, then a summary per strategy.
     python benchmarks/heldout.py [--data DIR] [--strategy insight --strategy tpe ...]
         [--budget 0.02 ...] [--trials 20] [--seeds 5] [--workers 2]
 
-About 90 seconds on 2 cores with the defaults (six strategies, without a planner LLM: the agents run on
+About 4 minutes on 2 cores with the defaults (six strategies, without a planner LLM: the agents run on
 their fallbacks).
 """
 

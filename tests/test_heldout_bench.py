@@ -55,13 +55,25 @@ def test_variants_change_problems_probes_costs_and_models(tmp_path: Path) -> Non
 def test_bench_runs_on_the_variants_and_summarises(tmp_path: Path) -> None:
     made = [m for m in heldout.make_variants(bundled_data_dir(), tmp_path) if m[1].startswith("aime25")]
     envs = heldout.environments(made)
-    config = BenchConfig(budgets=(0.1,), trials=6, seeds=1, strategies=("insight", "random"))
+    assert len(envs) == len(made) + len(heldout.SIMULATED) == 3 + len(heldout.SIMULATED)
+    assert {e.info.name for e in envs[len(made) :]} == {f"simulated-{n}x4-seed{seed}" for n, seed in heldout.SIMULATED}
+    envs = envs[: len(made) + 2]  # the variants and two simulated tasks run: enough to check the summary
+    config = BenchConfig(budgets=(0.1,), trials=6, seeds=1, strategies=("insight", "tpe", "random"))
     result = run_bench(config, environments=envs)
     assert not result.errors, result.errors
-    lines = heldout.summarise(result, ("insight", "random"))
+    lines = heldout.summarise(result, ("insight", "tpe", "random"))
     rows = [line for line in lines if line.startswith("| aime25-") or line.startswith("| simulated")]
     assert len(rows) == len(envs) == 5
-    assert lines[-2].startswith("insight: within 0.5 pt") and lines[-1].startswith("random: within 0.5 pt")
+    assert lines[-3].startswith("insight: within 0.5 pt") and lines[-1].startswith("random: within 0.5 pt")
+    # on the simulated tasks, the regret each strategy has against TPE's and random's, counted
+    simulated = [r for r in result.results if r["kind"] == "simulated"]
+    ahead = sum(
+        r["strategies"]["insight"]["regret_mean"]
+        < min(r["strategies"]["tpe"]["regret_mean"], r["strategies"]["random"]["regret_mean"])
+        for r in simulated
+    )
+    (line,) = [line for line in lines if "less regret than TPE and random" in line]
+    assert line.startswith(f"insight: less regret than TPE and random on {ahead}/2 simulated settings")
     for row in result.results:
         assert row["optimum"] is not None
         assert row["strategies"]["insight"]["regret_mean"] >= -1e-9  # nothing beats the exhaustive optimum
