@@ -320,9 +320,16 @@ def test_a_count_set_by_a_jump_is_checked_at_half_before_it_is_trusted() -> None
     assert PRIOR_GAIN["check"] > PRIOR_GAIN["shrink"], "a check is worth a trial before the study has tried one"
 
 
-def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_at_the_same_spend() -> None:
+def _sim_big_stages():  # type: ignore[no-untyped-def]
+    """``_sim_setup``'s task and probes with an incumbent of 1B / 70B x2 / 70B x2: stage 3's cheaper models
+    probed far worse than its 70B."""
     sim_space, ctx, _ = _sim_setup(2, 2.0)
     incumbent = sim_space.plan([StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", 2),)), StageChoice((("sim-70B", 2),))])
+    return sim_space, ctx, incumbent
+
+
+def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_at_the_same_spend() -> None:
+    sim_space, ctx, incumbent = _sim_big_stages()
     base = tuple(sim_space.choices_of(incumbent))
     moves = list(InsightStrategy(0)._moves(sim_space, base, ctx))
     # stage 3's 1B probed 41 points below its 70B, the unprobed ones count as worse still: no downsize there,
@@ -340,8 +347,7 @@ def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_at
 
 
 def test_a_downsize_keeps_its_parents_spend_bonus_and_its_reinvested_twin_earns_its_own() -> None:
-    sim_space, ctx, _ = _sim_setup(2, 2.0)
-    incumbent = sim_space.plan([StageChoice((("sim-1B", 1),)), StageChoice((("sim-70B", 2),)), StageChoice((("sim-70B", 2),))])
+    sim_space, ctx, incumbent = _sim_big_stages()
     base = tuple(sim_space.choices_of(incumbent))
     here = ctx.spent(incumbent) / ctx.budget.limit
     cheaper = [m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind in ("downsize", "resample")]
@@ -350,11 +356,11 @@ def test_a_downsize_keeps_its_parents_spend_bonus_and_its_reinvested_twin_earns_
     for move in plain:
         own = ctx.spent(sim_space.plan(move.choices)) / ctx.budget.limit
         assert own < here, "a downsize frees budget"
-        assert _spend_share(ctx, move, sim_space.plan(move.choices), incumbent) == pytest.approx(here)
+        assert _spend_share(ctx, move, sim_space.plan(move.choices), here) == pytest.approx(here)
     reinvested = [m for m in cheaper if "saving" in m.note]
     assert reinvested and not any(m.frees for m in reinvested)
     for move in reinvested:
         plan = sim_space.plan(move.choices)
-        assert _spend_share(ctx, move, plan, incumbent) == pytest.approx(ctx.spent(plan) / ctx.budget.limit)
+        assert _spend_share(ctx, move, plan, here) == pytest.approx(ctx.spent(plan) / ctx.budget.limit)
     grow = next(m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind == "grow")
     assert not grow.frees

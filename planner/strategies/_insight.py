@@ -143,12 +143,13 @@ class InsightStrategy(Strategy):
             if rank >= self.parents and len(candidates) >= n - len(out):
                 break
             base = tuple(space.choices_of(incumbent.plan))
+            parent_share = context.spent(incumbent.plan) / context.budget.limit
             for move in self._moves(space, base, context, _jumped(space, incumbent, by_number)):
                 plan = space.plan(move.choices)
                 if plan.plan_id in tried or not context.fits(plan):
                     continue
                 gain = _predicted_gain(gains, move)
-                spend = _spend_share(context, move, plan, incumbent.plan)
+                spend = _spend_share(context, move, plan, parent_share)
                 priority = (incumbent.score or 0.0) + gain + self.spend_bonus * spend + 1e-6 * self._rng.random()
                 if plan.plan_id not in candidates or priority > candidates[plan.plan_id][0]:
                     candidates[plan.plan_id] = (priority, move, plan, incumbent)
@@ -383,11 +384,11 @@ class InsightStrategy(Strategy):
                 yield _Move("trade", tuple(traded), note, f"{other_stage}>{stage}")
 
 
-def _spend_share(context: StudyContext, move: _Move, plan: Plan, parent: Plan) -> float:
+def _spend_share(context: StudyContext, move: _Move, plan: Plan, parent_share: float) -> float:
     """The share of the budget a move's spend bonus is computed on: its plan's, or for a move that frees budget
-    on purpose (``_Move.frees``), at least its parent's."""
+    on purpose (``_Move.frees``), at least its parent's (``parent_share``, computed once per parent)."""
     spend = context.spent(plan) / context.budget.limit
-    return max(spend, context.spent(parent) / context.budget.limit) if move.frees else spend
+    return max(spend, parent_share) if move.frees else spend
 
 
 def _reinvested(
