@@ -11,13 +11,16 @@ depends on, and adds simulated tasks with other seeds and stage counts:
 - ``dropped``: five sixths of the problems, the middle-sized model removed;
 - simulated tasks of 2 to 4 stages with seeds 1 to 14 (``SIMULATED``), beside the bench's own (seed 0).
 
+Those seeds have been looked at while the strategies were developed; ``--simulated-seeds 15-29`` runs
+simulated tasks of other seeds instead (and no variants), for a check on tasks nobody has tuned on.
+
 It runs ``allot bench``'s machinery on them (every strategy given, the same seeds, exhaustive optimum) and
 prints, per task and budget, each strategy's regret after ``--trials`` trials / median trials to come
 within 0.5 point of the optimum / search cost with sample reuse as a multiple of one run of the optimal
 plan, then a summary per strategy.
 
     python benchmarks/heldout.py [--data DIR] [--strategy insight --strategy tpe ...]
-        [--budget 0.02 ...] [--trials 20] [--seeds 5] [--workers 2]
+        [--budget 0.02 ...] [--trials 20] [--seeds 5] [--workers 2] [--simulated-seeds 15-29]
 
 About 4 minutes on 2 cores with the defaults (six strategies, without a planner LLM: the agents run on
 their fallbacks).
@@ -46,6 +49,19 @@ SIMULATED = ((3, 1), (2, 2), (3, 3), (3, 4), (4, 5), (2, 6), (3, 7), (4, 8), (3,
 """(stages, seed) of the extra simulated tasks: 2 to 4 stages, each seed drawing other curves, so one lucky
 task does not decide."""
 MOE_ACTIVE_SHARE = 0.2
+
+
+def simulated_tasks(seeds: str) -> tuple[tuple[int, int], ...]:
+    """``"A-B"`` -> (stages, seed) for seeds A..B, 2 to 4 stages (``2 + seed % 3``): tasks nobody has tuned on yet,
+    since every seed draws other curves; ``ValueError`` naming the problem for anything else."""
+    low, sep, high = seeds.partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        raise ValueError(f"--simulated-seeds {seeds!r}: give a seed or a range of seeds, such as 15-29") from None
+    if first < 0 or last < first:
+        raise ValueError(f"--simulated-seeds {seeds!r}: the range must run from a seed >= 0 up")
+    return tuple((2 + seed % 3, seed) for seed in range(first, last + 1))
 
 
 def _rows(file: Path) -> list[dict[str, Any]]:
@@ -106,9 +122,9 @@ def make_variants(source: Path, target: Path, seed: int = 0) -> list[tuple[Path,
     return made
 
 
-def environments(made: Sequence[tuple[Path, str]]) -> list[Environment]:
+def environments(made: Sequence[tuple[Path, str]], simulated: Sequence[tuple[int, int]] = SIMULATED) -> list[Environment]:
     envs: list[Environment] = [ReplayEnvironment(directory, name, orderings=8, seed=0) for directory, name in made]
-    envs += [SimulatedEnvironment(stages=stages, seed=seed) for stages, seed in SIMULATED]
+    envs += [SimulatedEnvironment(stages=stages, seed=seed) for stages, seed in simulated]
     return envs
 
 
@@ -165,13 +181,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--simulated-seeds",
+        default=None,
+        help="run simulated tasks of these seeds (e.g. 15-29) instead of the variants and SIMULATED: a fresh check",
+    )
     args = parser.parse_args(argv)
+    try:
+        fresh = None if args.simulated_seeds is None else simulated_tasks(args.simulated_seeds)
+    except ValueError as exc:
+        parser.error(str(exc))
     strategies = tuple(args.strategy or ("insight", "agenttts", "agent-reinforce", "gptswarm", "tpe", "random"))
     budgets = tuple(args.budget or (0.02, 0.05, 0.1, 0.2, 0.5))
     with tempfile.TemporaryDirectory(prefix="allot-heldout-") as tmp:
-        made = make_variants(args.data or bundled_data_dir(), Path(tmp))
+        made = [] if fresh is not None else make_variants(args.data or bundled_data_dir(), Path(tmp))
         config = BenchConfig(budgets=budgets, trials=args.trials, seeds=args.seeds, strategies=strategies, workers=args.workers)
-        result = run_bench(config, environments=environments(made))
+        result = run_bench(config, environments=environments(made, SIMULATED if fresh is None else fresh))
     print(f"{args.trials} trials x {args.seeds} seeds; cell: regret (pt) / median trials to 0.5 pt / search cost x optimum")
     print("\n".join(summarise(result, strategies)))
     print(f"\nfinished in {result.seconds:.0f} s")

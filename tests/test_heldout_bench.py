@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from executors.replay_data import bundled_data_dir, load_benchmark
 from planner.bench import BenchConfig, run_bench
 
@@ -77,3 +79,13 @@ def test_bench_runs_on_the_variants_and_summarises(tmp_path: Path) -> None:
     for row in result.results:
         assert row["optimum"] is not None
         assert row["strategies"]["insight"]["regret_mean"] >= -1e-9  # nothing beats the exhaustive optimum
+
+
+def test_simulated_seeds_name_fresh_tasks_of_two_to_four_stages_and_bad_ranges_are_refused() -> None:
+    assert heldout.simulated_tasks("15-17") == ((2, 15), (3, 16), (4, 17))
+    assert heldout.simulated_tasks("30") == ((2, 30),)
+    envs = heldout.environments([], heldout.simulated_tasks("15-16"))
+    assert [e.info.name for e in envs] == ["simulated-2x4-seed15", "simulated-3x4-seed16"]
+    for bad in ("x", "9-3", "1-b", "-4"):
+        with pytest.raises(ValueError, match="--simulated-seeds"):
+            heldout.simulated_tasks(bad)
