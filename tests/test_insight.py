@@ -5,17 +5,21 @@ from __future__ import annotations
 import pytest
 
 from executors.replay import ReplayEnvironment
+from executors.simulated import SimulatedEnvironment
 from graphs.cost import Budget, Cost
+from planner.bench import UNIT, most_expensive_single_model_cost
 from planner.space import SearchSpace, StageChoice
 from planner.storage import InMemoryStorage
 from planner.strategies._base import StudyContext
 from planner.strategies._insight import (
     PRIOR_GAIN,
+    RESAMPLE_AFTER,
     InsightStrategy,
     _jumped,
     _Move,
     _observed_gains,
     _predicted_gain,
+    _resample_held_back,
     _spend_share,
 )
 from planner.study import create_study
@@ -342,8 +346,39 @@ def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_at
         ((model, n),) = move.choices[2].samples
         assert model == move.detail and n > 2 and move.choices[:2] == base[:2]
         assert ctx.spent(sim_space.plan(move.choices)) <= here * (1 + 1e-9)
-    # weaker evidence than a downsize's, so it is ranked below one
-    assert PRIOR_GAIN["resample"] < PRIOR_GAIN["downsize"]
+    # the one move that tests what samples of a cheaper model do there: ranked with a swap, above a downsize
+    assert PRIOR_GAIN["resample"] == PRIOR_GAIN["swap"] > PRIOR_GAIN["downsize"]
+
+
+def test_an_untried_resample_waits_below_a_downsize_for_the_first_search_moves(space) -> None:
+    plan = space.plan([StageChoice((("Qwen3-4B", 1),), None)])
+    probe = trial(0, plan, 0.5, {"phase": "probe", "stage": "aime24", "model": "Qwen3-4B"})
+    searches = [trial(i, plan, 0.5, {"phase": "search", "move": "grow", "parent": 0}) for i in range(1, 1 + RESAMPLE_AFTER)]
+    early = _resample_held_back(_observed_gains([probe, *searches[:-1]], space), [probe, *searches[:-1]])
+    assert early["resample"] < early["downsize"]
+    later = _resample_held_back(_observed_gains([probe, *searches], space), [probe, *searches])
+    assert later["resample"] == pytest.approx(PRIOR_GAIN["resample"]) and later["resample"] > later["downsize"]
+    # once one is tried, its evidence decides, however early
+    tried = [probe, trial(1, plan, 0.6, {"phase": "search", "move": "resample", "parent": 0})]
+    assert _resample_held_back(_observed_gains(tried, space), tried) == _observed_gains(tried, space)
+
+
+def test_a_last_stage_that_gains_from_samples_of_a_small_model_is_resampled_to_it_within_twenty_trials() -> None:
+    """A 4-stage task whose last stage's one-sample probes rank 70B first (probes 0.34 / 0.28 / 0.22 / 0.17 for
+    70B / 8B / 3B / 1B), while 3B at eight samples and more beats 70B at any count the budget allows by 20 points."""
+    env = SimulatedEnvironment(4, seed=23)
+    sim_space = SearchSpace.from_info(env.info)
+    budget = Budget(limit=0.1 * most_expensive_single_model_cost(env, sim_space, Budget(limit=1.0, unit=UNIT)), unit=UNIT)
+    storage = InMemoryStorage()
+    study = create_study(storage=storage, environment=env, budget=budget, strategy=InsightStrategy(0), seed=0, name="t")
+    study.optimize(20)
+    trials = [t for t in storage.get_trials(study.study_id) if t.state is TrialState.COMPLETE]
+    assert all(budget.allows(t.estimated_cost) for t in trials)
+    on_70b = max(env.true_score(t.plan) for t in trials if t.plan.stages[3].models == ("sim-70B",))
+    best = max(trials, key=lambda t: env.true_score(t.plan))
+    assert "sim-70B" not in best.plan.stages[3].models
+    assert env.true_score(best.plan) > on_70b + 0.1
+    assert any(t.strategy_info.get("move") == "resample" and t.plan.stages[3].models == ("sim-3B",) for t in trials)
 
 
 def test_a_downsize_keeps_its_parents_spend_bonus_and_its_reinvested_twin_earns_its_own() -> None:

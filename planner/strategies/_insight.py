@@ -17,8 +17,10 @@ Its moves:
 - swap a model for a better-probed one at a count that fits, or paid for by fewer samples on the other stages;
 - downsize to a cheaper model that probed about as well, at the samples the same spend buys (and again with
   the saving spent on doubling a node of another stage, where that fits); on a multi-stage task also to a
-  cheaper model that probed worse (``resample``, ranked below a downsize): a probe there is measured through
-  the other stages at their weakest, and one sample does not show what a model gains from many;
+  cheaper model that probed worse (``resample``, ranked with a swap after the first few search moves, below a
+  downsize before them, ``RESAMPLE_AFTER``): a probe there is measured through
+  the other stages at their weakest, and one sample does not show what a model gains from many, which on a
+  stage that gains most from samples of a small model misses the plan's largest gain;
 - mix a model in at its smallest count (or paid for by fewer samples of the others), or drop one;
 - step the thinking cap to the next tighter or looser one; change the early-stop rule;
 - trade budget between two stages.
@@ -55,11 +57,14 @@ PRIOR_GAIN = {
     "stop": 0.004,
     "cap": 0.002,
     "downsize": -0.003,
-    "resample": -0.004,
+    "resample": 0.01,
     "check": 0.01,
     "shrink": -0.005,
     "drop": -0.005,
 }
+RESAMPLE_AFTER = 3
+"""Search trials before an untried resample is ranked with a swap; until then it ranks below a downsize. The first
+moves around the assembled plan (checks, grows) finish many searches, and a resample tried first would delay them."""
 PRIOR_WEIGHT = 1.0
 """How many observations the prior of a move's gain weighs against the study's own evidence."""
 NARROW = 0.25
@@ -132,7 +137,7 @@ class InsightStrategy(Strategy):
                     "budget, weakest stages first"
                 )
                 out.append(Proposal(assembled, why, {"phase": "assemble"}))
-        gains = _observed_gains(context.trials, space)
+        gains = _resample_held_back(_observed_gains(context.trials, space), context.trials)
         incumbents = sorted(complete, key=lambda t: (-(t.score or 0.0), context.spent(t.plan), t.number))
         by_number = {t.number: t for t in context.trials}
         # Best-first over the neighbourhoods of the ``parents`` best plans so far (the next ones once those
@@ -304,7 +309,8 @@ class InsightStrategy(Strategy):
                             continue
                         # A one-sample probe cannot show how a model gains from samples, and on a multi-stage task
                         # it is measured through the other stages at their weakest, which damps and hides what a
-                        # stage's model does: there it does not veto the cheaper model, which is tried last.
+                        # stage's model does: there it does not veto the cheaper model. Ranked with a swap once the first
+                        # search moves are tried: it is the one move that tests what many samples of a cheaper model do.
                         kind = "resample"
                     more = [
                         c
@@ -605,6 +611,14 @@ def _observed_gains(trials: Sequence[FrozenTrial], space: SearchSpace) -> dict[s
         kind = key.split(":", 1)[0]
         if key != kind and kind in gains:
             gains[key] = (PRIOR_WEIGHT * gains[kind] + sum(observed)) / (PRIOR_WEIGHT + len(observed))
+    return gains
+
+
+def _resample_held_back(gains: dict[str, float], trials: Sequence[FrozenTrial]) -> dict[str, float]:
+    """``gains`` with an untried resample ranked below a downsize until ``RESAMPLE_AFTER`` search trials are done."""
+    moved = [t.strategy_info.get("move") for t in trials if t.strategy_info.get("phase") == "search"]
+    if len(moved) < RESAMPLE_AFTER and "resample" not in moved:
+        return {**gains, "resample": min(gains["resample"], gains["downsize"] - 0.001)}
     return gains
 
 
