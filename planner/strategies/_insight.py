@@ -17,10 +17,10 @@ Its moves:
 - swap a model for a better-probed one at a count that fits, or paid for by fewer samples on the other stages;
 - downsize to a cheaper model that probed about as well, at the samples the same spend buys (and again with
   the saving spent on doubling a node of another stage, where that fits); on a multi-stage task also to a
-  cheaper model that probed worse (``resample``, ranked with a swap after the first few search moves, below a
-  downsize before them, ``RESAMPLE_AFTER``): a probe there is measured through
-  the other stages at their weakest, and one sample does not show what a model gains from many, which on a
-  stage that gains most from samples of a small model misses the plan's largest gain;
+  cheaper model that probed worse (``resample``; ranked with a swap once ``RESAMPLE_AFTER`` search moves are
+  tried, below a downsize before): a probe there is measured through the other stages at their weakest, and
+  one sample does not show what a model gains from many, which on a stage that gains most from samples of a
+  small model misses the plan's largest gain;
 - mix a model in at its smallest count (or paid for by fewer samples of the others), or drop one;
 - step the thinking cap to the next tighter or looser one; change the early-stop rule;
 - trade budget between two stages.
