@@ -20,7 +20,10 @@ within 0.5 point of the optimum / search cost with sample reuse as a multiple of
 plan, then a summary per strategy.
 
     python benchmarks/heldout.py [--data DIR] [--strategy insight --strategy tpe ...]
-        [--budget 0.02 ...] [--trials 20] [--seeds 5] [--workers 2] [--simulated-seeds 15-29]
+        [--budget 0.02 ...] [--trials 20] [--seeds 5] [--workers 2] [--simulated-seeds 15-29] [--json OUT]
+
+``--json`` writes the bench report, which ``benchmarks/compare.py`` pairs with another run's to say whether a
+change helped beyond the luck of move order.
 
 About 4 minutes on 2 cores with the defaults (six strategies, without a planner LLM: the agents run on
 their fallbacks).
@@ -186,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="run simulated tasks of these seeds (e.g. 15-29) instead of the variants and SIMULATED: a fresh check",
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the bench report here (for benchmarks/compare.py)")
     args = parser.parse_args(argv)
     try:
         fresh = None if args.simulated_seeds is None else simulated_tasks(args.simulated_seeds)
@@ -199,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = run_bench(config, environments=environments(made, SIMULATED if fresh is None else fresh))
     print(f"{args.trials} trials x {args.seeds} seeds; cell: regret (pt) / median trials to 0.5 pt / search cost x optimum")
     print("\n".join(summarise(result, strategies)))
+    if args.json is not None:
+        print(f"report: {result.write_json(args.json)}")
     print(f"\nfinished in {result.seconds:.0f} s")
 
 

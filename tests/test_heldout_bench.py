@@ -4,6 +4,7 @@ the bench runs on them."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -89,3 +90,31 @@ def test_simulated_seeds_name_fresh_tasks_of_two_to_four_stages_and_bad_ranges_a
     for bad in ("x", "9-3", "1-b", "-4"):
         with pytest.raises(ValueError, match="--simulated-seeds"):
             heldout.simulated_tasks(bad)
+
+
+def test_json_report_of_a_fresh_check_is_what_compare_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fresh.json"
+    heldout.main(
+        [
+            "--simulated-seeds",
+            "15",
+            "--budget",
+            "0.1",
+            "--trials",
+            "4",
+            "--seeds",
+            "1",
+            "--workers",
+            "1",
+            "--strategy",
+            "insight",
+            "--strategy",
+            "random",
+            "--json",
+            str(out),
+        ]
+    )
+    assert f"report: {out}" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["benchmark"], r["budget_fraction"]) for r in rows] == [("simulated-2x4-seed15", 0.1)]
+    assert set(rows[0]["strategies"]) == {"insight", "random"} and rows[0]["optimum"]["score"] > 0

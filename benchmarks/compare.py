@@ -1,0 +1,185 @@
+"""Is a change to a strategy an improvement, or the luck of which moves came first? Two bench runs, paired.
+
+A heuristic's regret on one setting moves by points when a change reorders its moves, so a difference of
+the mean regret over a set of settings says little by itself. This script pairs the settings (benchmark and
+budget) of two JSON reports of ``allot bench --json`` or ``benchmarks/heldout.py --json`` and prints, for one
+strategy (or one strategy against another): the mean regret of each run and their difference with a paired
+bootstrap 95% interval over the settings, the settings won and lost by more than ``--margin`` points, how many
+settings each came within 0.5 point of the optimum in a median of ``--within`` trials or fewer, and the worst.
+
+    python benchmarks/compare.py BASE.json NEW.json [--strategy insight] [--against tpe] [--margin 0.5]
+
+The verdict says "better" or "worse" only where the interval excludes zero, else "no clear difference".
+Seeded: the same files give the same interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Comparison", "compare", "load_report", "main", "paired_regrets"]
+
+Setting = tuple[str, float]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The paired comparison of ``new`` (strategy in the second report) against ``base`` (the first)."""
+
+    base: str
+    new: str
+    settings: int
+    unpaired: int
+    """Settings in only one report, or without an optimum in one of them: left out."""
+    base_mean: float
+    new_mean: float
+    difference: float
+    """Mean of the per-setting differences, new minus base, in points (negative: the new one has less regret)."""
+    low: float
+    high: float
+    """The paired bootstrap 95% interval of ``difference``."""
+    won: int
+    lost: int
+    base_within: int
+    new_within: int
+    base_worst: tuple[float, Setting]
+    new_worst: tuple[float, Setting]
+
+    @property
+    def verdict(self) -> str:
+        if self.high < 0:
+            return "better"
+        if self.low > 0:
+            return "worse"
+        return "no clear difference"
+
+    def lines(self, within: int, margin: float) -> list[str]:
+        def worst(value: tuple[float, Setting]) -> str:
+            return f"{value[0]:.1f} pt ({value[1][0]} at {100 * value[1][1]:g}%)"
+
+        return [
+            f"{self.new} (new) against {self.base} (base), {self.settings} paired settings"
+            + (f" ({self.unpaired} unpaired, left out)" if self.unpaired else ""),
+            "| | base | new |",
+            "|---|---|---|",
+            f"| mean regret (pt) | {self.base_mean:.3f} | {self.new_mean:.3f} |",
+            f"| within 0.5 pt in a median of <= {within} trials | {self.base_within} | {self.new_within} |",
+            f"| worst regret | {worst(self.base_worst)} | {worst(self.new_worst)} |",
+            f"difference {self.difference:+.3f} pt, 95% interval [{self.low:+.3f}, {self.high:+.3f}]: {self.verdict}; "
+            f"won {self.won}, lost {self.lost} by more than {margin:g} pt",
+        ]
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """A bench report, checked for the shape this script reads; ``ValueError`` naming the file otherwise."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON bench report ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+        raise ValueError(f"{path}: not a bench report (no 'results' list): write one with allot bench --json")
+    return report
+
+
+def paired_regrets(report: Mapping[str, Any], strategy: str, label: str) -> dict[Setting, dict[str, Any]]:
+    """(benchmark, budget fraction) -> the strategy's aggregate, for every setting with an optimum."""
+    out: dict[Setting, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for row in report["results"]:
+        seen |= set(row.get("strategies", {}))
+        if row.get("optimum") is None or strategy not in row.get("strategies", {}):
+            continue
+        agg = row["strategies"][strategy]
+        if agg.get("regret_mean") is not None:
+            out[(str(row["benchmark"]), float(row["budget_fraction"]))] = agg
+    if not out:
+        known = ", ".join(sorted(seen)) or "none"
+        raise ValueError(f"{label}: no setting has results for strategy {strategy!r} (strategies there: {known})")
+    return out
+
+
+def compare(
+    base: Mapping[str, Any],
+    new: Mapping[str, Any],
+    strategy: str = "insight",
+    against: str | None = None,
+    *,
+    within: int = 10,
+    margin: float = 0.5,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> Comparison:
+    """Pair the settings of two reports and compare ``strategy`` of ``new`` with ``against`` (default the same
+    strategy) of ``base``. Regrets are in points (the reports' ``regret_mean``)."""
+    against = against or strategy
+    left = paired_regrets(base, against, "base")
+    right = paired_regrets(new, strategy, "new")
+    keys = sorted(left.keys() & right.keys())
+    if not keys:
+        raise ValueError("the two reports share no setting (benchmark and budget): compare runs of the same tasks")
+    before = [float(left[k]["regret_mean"]) for k in keys]
+    after = [float(right[k]["regret_mean"]) for k in keys]
+    deltas = [b - a for a, b in zip(before, after, strict=True)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(deltas, k=len(deltas))) for _ in range(resamples))
+    low, high = means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
+
+    def fast(agg: Mapping[str, Any]) -> bool:
+        trials = agg.get("median_trials_to_half_pt")
+        return trials is not None and trials <= within
+
+    return Comparison(
+        base=against,
+        new=strategy,
+        settings=len(keys),
+        unpaired=len(left.keys() ^ right.keys()),
+        base_mean=statistics.fmean(before),
+        new_mean=statistics.fmean(after),
+        difference=statistics.fmean(deltas),
+        low=low,
+        high=high,
+        won=sum(d < -margin for d in deltas),
+        lost=sum(d > margin for d in deltas),
+        base_within=sum(fast(left[k]) for k in keys),
+        new_within=sum(fast(right[k]) for k in keys),
+        base_worst=max(zip(before, keys, strict=True)),
+        new_worst=max(zip(after, keys, strict=True)),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path, help="the bench report to compare against")
+    parser.add_argument("new", type=Path, help="the bench report of the change")
+    parser.add_argument("--strategy", default="insight", help="the strategy compared (in the new report)")
+    parser.add_argument("--against", default=None, help="the base report's strategy (default: the same)")
+    parser.add_argument("--within", type=int, default=10, help="trials of the 'within 0.5 pt' count")
+    parser.add_argument("--margin", type=float, default=0.5, help="points a setting must move by to count as won or lost")
+    parser.add_argument("--resamples", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        result = compare(
+            load_report(args.base),
+            load_report(args.new),
+            args.strategy,
+            args.against,
+            within=args.within,
+            margin=args.margin,
+            resamples=args.resamples,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    print("\n".join(result.lines(args.within, args.margin)))
+
+
+if __name__ == "__main__":
+    main()

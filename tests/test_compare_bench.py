@@ -1,0 +1,123 @@
+"""benchmarks/compare.py: two bench reports paired by setting, the difference's interval and the verdict."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from executors.simulated import SimulatedEnvironment
+from planner.bench import BenchConfig, run_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("compare_bench", ROOT / "benchmarks" / "compare.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+compare_bench = _load()
+
+
+def report(cells: dict[tuple[str, float], dict[str, tuple[float, float | None]]]) -> dict[str, Any]:
+    """A bench report: (benchmark, budget) -> strategy -> (regret, median trials to 0.5 pt)."""
+    return {
+        "meta": {},
+        "results": [
+            {
+                "benchmark": benchmark,
+                "budget_fraction": fraction,
+                "optimum": {"score": 0.8},
+                "strategies": {
+                    name: {"regret_mean": regret, "median_trials_to_half_pt": trials}
+                    for name, (regret, trials) in strategies.items()
+                },
+            }
+            for (benchmark, fraction), strategies in cells.items()
+        ],
+    }
+
+
+SETTINGS = [(f"task{i}", f) for i in range(6) for f in (0.02, 0.1, 0.5)]
+
+
+def test_a_run_better_on_every_setting_is_better_with_an_interval_below_zero() -> None:
+    base = report({k: {"insight": (2.0 + i % 3, 15.0)} for i, k in enumerate(SETTINGS)})
+    new = report({k: {"insight": (1.0 + i % 3 - 0.1 * (i % 2), 8.0 if i < 4 else None)} for i, k in enumerate(SETTINGS)})
+    result = compare_bench.compare(base, new)
+    assert result.settings == len(SETTINGS) and result.unpaired == 0
+    assert result.difference == pytest.approx(statistics.fmean(-1.0 - 0.1 * (i % 2) for i in range(len(SETTINGS))))
+    assert result.low <= result.difference <= result.high < 0
+    assert result.verdict == "better"
+    assert (result.won, result.lost) == (len(SETTINGS), 0)
+    assert (result.base_within, result.new_within) == (0, 4)
+    assert result.base_worst[0] == 4.0 and result.new_worst[0] == pytest.approx(3.0)
+    lines = result.lines(10, 0.5)
+    assert lines[-1].endswith(f"better; won {len(SETTINGS)}, lost 0 by more than 0.5 pt")
+
+
+def test_gains_and_losses_that_cancel_are_no_clear_difference_and_the_interval_is_seeded() -> None:
+    base = report({k: {"insight": (3.0, 12.0)} for k in SETTINGS})
+    swings = [2.0, -2.0, 0.1, -0.1, 1.0, -1.0] * 3
+    new = report({k: {"insight": (3.0 + s, 12.0)} for k, s in zip(SETTINGS, swings, strict=True)})
+    result = compare_bench.compare(base, new)
+    assert result.difference == pytest.approx(0.0)
+    assert result.low < 0 < result.high and result.verdict == "no clear difference"
+    assert (result.won, result.lost) == (6, 6)  # the 0.1-point moves are under the margin
+    assert compare_bench.compare(base, new) == result
+    assert compare_bench.compare(base, new, seed=1).low != result.low
+
+
+def test_one_strategy_against_another_on_the_shared_settings_only() -> None:
+    base = report({**{k: {"tpe": (5.0, None)} for k in SETTINGS}, ("extra", 0.2): {"tpe": (9.0, None)}})
+    new = report({k: {"insight": (1.0, 6.0)} for k in SETTINGS[:-1]})
+    new["results"].append({"benchmark": "bad", "budget_fraction": 0.1, "optimum": None, "strategies": {}})
+    result = compare_bench.compare(base, new, "insight", "tpe")
+    assert (result.base, result.new) == ("tpe", "insight")
+    assert result.settings == len(SETTINGS) - 1
+    assert result.unpaired == 2  # the last of SETTINGS and "extra" are in one report only
+    assert result.base_mean == 5.0 and result.new_mean == 1.0 and result.verdict == "better"
+
+
+def test_bad_reports_and_names_are_refused_naming_the_problem(tmp_path: Path) -> None:
+    base = report({k: {"insight": (1.0, 5.0)} for k in SETTINGS[:3]})
+    with pytest.raises(ValueError, match=r"no setting has results for strategy 'insigt' \(strategies there: insight\)"):
+        compare_bench.compare(base, base, "insigt")
+    other = report({("elsewhere", 0.1): {"insight": (1.0, 5.0)}})
+    with pytest.raises(ValueError, match="share no setting"):
+        compare_bench.compare(base, other)
+    garbage = tmp_path / "x.json"
+    garbage.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"x\.json: not a bench report"):
+        compare_bench.load_report(garbage)
+    broken = tmp_path / "y.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match=r"y\.json: not a readable JSON bench report"):
+        compare_bench.load_report(broken)
+    with pytest.raises(SystemExit):
+        compare_bench.main([str(garbage), str(garbage)])
+
+
+def test_real_bench_reports_compare_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = BenchConfig(budgets=(0.05, 0.2), trials=5, seeds=1, strategies=("insight", "random"))
+    result = run_bench(config, environments=[SimulatedEnvironment(stages=2, seed=3)])
+    path = result.write_json(tmp_path / "run.json")
+    rows = json.loads(path.read_text())["results"]
+    deltas = [r["strategies"]["insight"]["regret_mean"] - r["strategies"]["random"]["regret_mean"] for r in rows]
+    compare_bench.main([str(path), str(path), "--strategy", "insight", "--against", "random"])
+    out = capsys.readouterr().out
+    assert out.startswith("insight (new) against random (base), 2 paired settings")
+    assert f"difference {statistics.fmean(deltas):+.3f} pt" in out
+    compare_bench.main([str(path), str(path)])  # a run against itself: no difference at all
+    assert "difference +0.000 pt, 95% interval [+0.000, +0.000]: no clear difference; won 0, lost 0" in capsys.readouterr().out
