@@ -3,30 +3,16 @@ the bench runs on them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_scripts import load_script
 
 from executors.replay_data import bundled_data_dir, load_benchmark
 from planner.bench import BenchConfig, run_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("heldout_bench", ROOT / "benchmarks" / "heldout.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-heldout = _load()
+heldout = load_script("heldout")
 
 
 def test_variants_change_problems_probes_costs_and_models(tmp_path: Path) -> None:

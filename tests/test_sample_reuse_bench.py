@@ -8,13 +8,10 @@ the generated tokens (environment, sample store, a counter at the backend) agree
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_scripts import load_script
 
 from executors.backends import CompletionRequest, MockBackend
 from executors.live import LiveEnvironment
@@ -24,19 +21,7 @@ from graphs.cost import Cost
 from graphs.plan import Plan
 from planner.storage import InMemoryStorage
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sample_reuse_bench", ROOT / "benchmarks" / "sample_reuse.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module's names through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("sample_reuse")
 
 
 def answers(request: CompletionRequest) -> list[str]:
