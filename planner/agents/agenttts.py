@@ -12,9 +12,9 @@ Each ``propose(context, n)`` runs the agent's graph (compiled once per instance)
 
 - ``probe`` (insight 1): models at the space's smallest sample count, no cap (the widest cap that fits where
   that is over budget), the other stages at a fixed cheap default (each stage's cheapest single sample):
-  first each stage's cheapest and costliest model, then every other model on the stages where those two
-  differ by at least ``NARROW`` of the widest stage's spread (``wide_stages``), so probes go where the model
-  choice shows in the score. No LLM.
+  first each stage's cheapest and costliest model, then every other model on a single-stage task only
+  (``probes_every_model``: on a multi-stage task the planner places the others from the ends and the search
+  tries them in context). No LLM.
 - ``queued``: candidates the planner proposed in an earlier round beyond what that call needed (it is
   asked for ``batch`` at a time), still new and within budget. No LLM.
 - ``guidelines`` (insights 2 and 3): the planner reads the trial history (plan, score, spread, cost in
@@ -54,7 +54,7 @@ from graphs.plan import Plan
 from planner.llm import PlannerCall, planner_llm
 from planner.space import StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
-from planner.strategies._insight import InsightStrategy, wide_stages
+from planner.strategies._insight import InsightStrategy, probes_every_model
 from planner.trial import FrozenTrial, TrialState
 
 __all__ = ["AgentTTSStrategy", "CandidateBatch", "CandidateSpec", "GuidelineList", "SampleSpec", "StageSpec"]
@@ -256,8 +256,8 @@ class _Setup:
                 self.probe_costs[(stage, model)] = _ProbeCost(cost, per_sample, cap)
         for plan_id, covers in by_id.items():
             self.probes.append(_Probe(plans[plan_id], tuple(covers), self.probe_fits[plan_id]))
-        # Each stage's cheapest and costliest model are probed first; the others only on stages where those
-        # differ enough for the choice to show (``wide_stages``).
+        # Each stage's cheapest and costliest model are probed first; the others only on a single-stage task
+        # (``probes_every_model``).
         self.first_probes: set[tuple[str, str]] = set()
         for stage in space.stages:
             costs = {m: self.probe_costs[(stage, m)].spent for m in space.stage_models[stage]}
@@ -547,11 +547,7 @@ class AgentTTSStrategy(Strategy):
         tried = context.tried()
         pending = [p for p in setup.probes if p.fits and p.plan.plan_id not in tried]
         first = [p for p in pending if setup.first_probes & set(p.covers)]
-        if not first:
-            wide = self._wide_stages(context)
-            pending = [p for p in pending if wide is None or any(stage in wide for stage, _ in p.covers)]
-        else:
-            pending = first
+        pending = first + ([p for p in pending if p not in first] if probes_every_model(context.space) else [])
         if not pending:
             return {"probing": False}
         default = "; ".join(f"{s}: {c.graph(s).summary()}" for s, c in zip(setup.stages, setup.default, strict=True))
@@ -567,22 +563,6 @@ class AgentTTSStrategy(Strategy):
             info = {"probe": [list(c) for c in probe.covers], "planner_attempts": 0, "planner_errors": []}
             proposals.append(Proposal(probe.plan, rationale, info))
         return {"proposals": proposals, "probing": True}
-
-    def _wide_stages(self, context: StudyContext) -> set[str] | None:
-        """The stages worth probing every model on, from the first probes' scores (``None``: not all in yet)."""
-        setup = self._setup
-        assert setup is not None
-        by_plan = {t.plan_id: t for t in context.trials}
-        scores: dict[tuple[str, str], float] = {}
-        for key in setup.first_probes:
-            plan_id = setup.probe_of[key]
-            if not setup.probe_fits[plan_id]:
-                continue
-            trial = by_plan.get(plan_id)
-            if trial is None or trial.state is not TrialState.COMPLETE or trial.score is None:
-                return None
-            scores[key] = trial.score
-        return wide_stages(scores)
 
     def _queued_node(self, state: _State) -> _State:
         context, n = state["context"], state["n"]
@@ -748,7 +728,7 @@ class AgentTTSStrategy(Strategy):
             + "):"
         )
         lines.append("stage | model | score | plan cost | cost per extra sample")
-        wide = self._wide_stages(context)
+        every = probes_every_model(context.space)
         for (stage, model), plan_id in setup.probe_of.items():
             cost = setup.probe_costs[(stage, model)]
             trial = by_plan.get(plan_id)
@@ -760,8 +740,8 @@ class AgentTTSStrategy(Strategy):
                 score = "not runnable"
             elif not setup.probe_fits[plan_id]:
                 score = "over budget"
-            elif wide is not None and stage not in wide:
-                score = "not probed (the stage's cheapest and costliest models scored about the same)"
+            elif not every and (stage, model) not in setup.first_probes:
+                score = "not probed (multi-stage task: each stage's cheapest and costliest model are)"
             else:
                 score = "pending"
             label = model if cost.cap is None else f"{model} (cap {cost.cap})"

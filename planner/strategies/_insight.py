@@ -1,7 +1,8 @@
 """The insight heuristic: AgentTTS's three insights as rules, needing no planner LLM.
 
-1. Stages prefer different models: probe models once, at the smallest sample count; every model on the
-   stages where the model shows in the score, the cheapest and costliest on the others (``NARROW``).
+1. Stages prefer different models: probe models once, at the smallest sample count; every model of a
+   single-stage task, each stage's cheapest and costliest of a multi-stage one (``probes_every_model``), the
+   others scored between them.
 2. More samples help up to a point: grow the best models' sample counts toward the budget, and stop
    growing a node of the best plan once its last doubling gained less than ``plateau`` (score, 0..1).
 3. Stages interact: after the probes, moves change one stage at a time (and trade budget between two
@@ -45,7 +46,7 @@ from planner.space import SearchSpace, StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
 from planner.trial import FrozenTrial, TrialState
 
-__all__ = ["InsightStrategy", "wide_stages"]
+__all__ = ["InsightStrategy", "probes_every_model"]
 
 # Prior gain (score points, 0..1 scale) of each kind of move before the study has tried it.
 PRIOR_GAIN = {
@@ -68,8 +69,8 @@ moves around the assembled plan (checks, grows) finish many searches, and a resa
 PRIOR_WEIGHT = 1.0
 """How many observations the prior of a move's gain weighs against the study's own evidence."""
 NARROW = 0.25
-"""A stage whose probes differ by less than this share of the widest stage's spread is narrow: which model it
-uses hardly shows in the score, so its middle models are not probed and a cheaper model there is worth a try."""
+"""Two models of a stage whose probes differ by less than this share of the widest stage's spread count as about as
+good: the cheaper one is worth a downsize."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,8 @@ class InsightStrategy(Strategy):
         anchor (each stage's cheapest model, as AgentTTS's cheap default); yields each probe plan with the
         (stage, model) pairs it measures (the anchor plan measures the anchor model on every stage).
 
-        First each stage's cheapest and costliest model; then the others, only on
-        stages whose first probes differ by at least ``NARROW`` of the widest stage's spread: where the
-        model hardly changes the score, which one is left to the search (downsize moves), and probes are
-        spent where the choice matters."""
+        First each stage's cheapest and costliest model; then, on a single-stage task only, the others
+        (``probes_every_model``)."""
         space = context.space
         anchor = [_cheapest_fitting(space, s, context) for s in space.stages]
         order = random.Random(self.seed)  # the seed decides the probing order, nothing else
@@ -218,11 +217,8 @@ class InsightStrategy(Strategy):
                     yield plan, covers[plan.plan_id]
 
         yield from emit(first)
-        scores = _probe_scores(context, space)
-        if any(key not in scores for key in first):
-            return  # the first probes are not all scored yet: which stages need the rest is not known
-        wide = wide_stages({key: scores[key] for key in first})
-        yield from emit([k for k in later if k[0] in wide])
+        if probes_every_model(space):
+            yield from emit(later)
 
     def _moves(
         self, space: SearchSpace, base: tuple[StageChoice, ...], context: StudyContext, jumped: frozenset[int] = frozenset()
@@ -236,9 +232,8 @@ class InsightStrategy(Strategy):
             if len(scores := [v for (s, _), v in probe.items() if s == stage]) > 1
         }
         tolerance = NARROW * max(spread.values(), default=0.0)
-        for index, stage in enumerate(space.stages):
-            if stage in spread and spread[stage] < tolerance:
-                _impute(space, base, index, probe, context)
+        for index in range(len(space.stages)):
+            _impute(space, base, index, probe, context)
         scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
         incumbent = space.plan(base)
         here, here_score = _spent(context, incumbent), scored.get(incumbent.plan_id)
@@ -427,16 +422,12 @@ def _jumped(space: SearchSpace, trial: FrozenTrial, by_number: Mapping[int, Froz
     return frozenset(i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a.samples != b.samples)
 
 
-def wide_stages(probes: Mapping[tuple[str, str], float]) -> set[str]:
-    """The stages whose probe scores (``(stage, model) -> score``) differ by at least ``NARROW`` of the
-    widest stage's spread: where the model choice shows in the score, so every model is worth a probe. A stage
-    with a single probe counts as wide: nothing says its choice does not matter."""
-    by_stage: dict[str, list[float]] = {}
-    for (stage, _), score in probes.items():
-        by_stage.setdefault(stage, []).append(score)
-    spread = {stage: max(scores) - min(scores) for stage, scores in by_stage.items()}
-    widest = max(spread.values(), default=0.0)
-    return {stage for stage, value in spread.items() if value >= NARROW * widest or len(by_stage[stage]) < 2}
+def probes_every_model(space: SearchSpace) -> bool:
+    """Whether every model is probed (a single-stage task) or only each stage's cheapest and costliest (a multi-stage
+    task). There a probe costs a trial per stage and model and says little: it is measured through the other stages
+    at their weakest, which damps it, and at one sample, which hides what a model gains from many. The others get
+    scores between the two ends (``_impute``), and the assembly and the search try them in context, at scale."""
+    return len(space.stages) == 1
 
 
 def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -> Plan | None:
@@ -445,6 +436,14 @@ def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -
     budget, then the samples of the weakest stage that can still grow are doubled while the plan fits."""
     probe = _probe_scores(context, space)
     probe_cost = _probe_costs(context)
+    anchor = tuple(_cheapest_fitting(space, s, context) for s in space.stages)
+    for index, stage in enumerate(space.stages):
+        _impute(space, anchor, index, probe, context)
+        for model in space.stage_models[stage]:
+            if (stage, model) in probe and (stage, model) not in probe_cost:  # imputed: costed as its probe would be
+                choices = list(anchor)
+                choices[index] = StageChoice(((model, min(space.n_choices[model])),), anchor[index].cap)
+                probe_cost[(stage, model)] = _spent(context, space.plan(choices))
     ranked: list[list[str]] = []
     for stage in space.stages:
         known = [m for m in space.stage_models[stage] if (stage, m) in probe]
@@ -497,8 +496,11 @@ def _impute(
     space: SearchSpace, base: tuple[StageChoice, ...], index: int, probe: dict[tuple[str, str], float], context: StudyContext
 ) -> None:
     """Give the models left unprobed on stage ``index`` a probe score interpolated between the probed models
-    next cheaper and next costlier (a bigger model does better, by about as much as its price suggests)."""
+    next cheaper and next costlier (a bigger model does better, by about as much as its price suggests); beyond the
+    probed ones, the nearest one's. Nothing where the stage has no probe yet."""
     stage = space.stages[index]
+    if not any((stage, m) in probe for m in space.stage_models[stage]):
+        return
 
     def spent(model: str) -> float:
         choice = StageChoice(((model, min(space.n_choices[model])),), base[index].cap)
