@@ -224,12 +224,17 @@ def test_the_assembly_reaches_an_unprobed_middle_model_at_its_imputed_score() ->
 
 
 def test_unprobed_models_of_a_stage_get_a_score_between_their_cheaper_and_costlier_neighbours(env, space) -> None:
+    import math
+
     from planner.strategies._insight import _impute
 
     base = (StageChoice((("Qwen3-4B", 1),), None),)
     probe = {("answer", "Qwen3-0.6B"): 0.1, ("answer", "Qwen3-1.7B"): 0.3, ("answer", "Qwen3-8B"): 0.7}
     _impute(space, base, 0, probe, context(env, space, Budget(limit=1e30)))
-    assert probe[("answer", "Qwen3-4B")] == pytest.approx(0.5)
+    size = {m: math.log(spec.active_params) for m, spec in env.info.models.items()}
+    share = (size["Qwen3-4B"] - size["Qwen3-1.7B"]) / (size["Qwen3-8B"] - size["Qwen3-1.7B"])
+    assert 0.5 < share < 0.6  # on the log of the sizes, 4B sits past the middle of 1.7B and 8B
+    assert probe[("answer", "Qwen3-4B")] == pytest.approx(0.3 + 0.4 * share)
     probe = {("answer", "Qwen3-1.7B"): 0.3, ("answer", "Qwen3-4B"): 0.6}
     _impute(space, base, 0, probe, context(env, space, Budget(limit=1e30)))
     assert probe[("answer", "Qwen3-0.6B")] == 0.3 and probe[("answer", "Qwen3-8B")] == 0.6

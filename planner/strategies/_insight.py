@@ -36,6 +36,7 @@ The default strategy when no planner LLM is configured, and every agent's fallba
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -496,8 +497,9 @@ def _impute(
     space: SearchSpace, base: tuple[StageChoice, ...], index: int, probe: dict[tuple[str, str], float], context: StudyContext
 ) -> None:
     """Give the models left unprobed on stage ``index`` a probe score interpolated between the probed models
-    next cheaper and next costlier (a bigger model does better, by about as much as its price suggests); beyond the
-    probed ones, the nearest one's. Nothing where the stage has no probe yet."""
+    next cheaper and next costlier, on the log of their sizes (a bigger model does better, by about as much as the
+    log of its size suggests, as scaling laws go); beyond the probed ones, the nearest one's. Nothing where the
+    stage has no probe yet."""
     stage = space.stages[index]
     if not any((stage, m) in probe for m in space.stage_models[stage]):
         return
@@ -516,9 +518,17 @@ def _impute(
         if below and above:
             lo, hi = below[-1], above[0]
             a, b = probe[(stage, ranked[lo])], probe[(stage, ranked[hi])]
-            probe[(stage, model)] = a + (b - a) * (i - lo) / (hi - lo)
+            low, mid, high = (_log_size(context, m) for m in (ranked[lo], model, ranked[hi]))
+            share = (mid - low) / (high - low) if high > low else (i - lo) / (hi - lo)
+            probe[(stage, model)] = a + (b - a) * min(1.0, max(0.0, share))
         else:
             probe[(stage, model)] = probe[(stage, ranked[(below or above)[-1 if below else 0]])]
+
+
+def _log_size(context: StudyContext, model: str) -> float:
+    """The log of a model's active parameters: what it costs per token, and the scale its quality goes with."""
+    spec = context.info.models.get(model)
+    return math.log(spec.active_params) if spec is not None else 0.0
 
 
 def _paid(
