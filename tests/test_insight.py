@@ -40,8 +40,8 @@ def context(env, space, budget, trials=()) -> StudyContext:  # type: ignore[no-u
     return StudyContext(space, budget, env.info, env.estimate_cost, tuple(trials), 0)
 
 
-def trial(number: int, plan, score: float, info: dict) -> FrozenTrial:  # type: ignore[no-untyped-def]
-    return FrozenTrial(0, 0, number, TrialState.COMPLETE, plan, Cost(), strategy_info=info, score=score)
+def trial(number: int, plan, score: float, info: dict, cost: Cost | None = None) -> FrozenTrial:  # type: ignore[no-untyped-def]
+    return FrozenTrial(0, 0, number, TrialState.COMPLETE, plan, cost or Cost(), strategy_info=info, score=score)
 
 
 def test_cap_moves_step_to_the_neighbouring_caps_no_cap_being_the_widest(env, space) -> None:
@@ -208,14 +208,10 @@ def test_the_assembly_reaches_an_unprobed_middle_model_at_its_imputed_score() ->
 
     budget = Budget(limit=sim.estimate_cost(plan("sim-8B")).flops * 1.01, unit="flops")
     assert not budget.allows(sim.estimate_cost(plan("sim-70B")))
+    cheap, costly = plan("sim-1B"), plan("sim-70B")
     probes = [
-        FrozenTrial(0, 0, number, TrialState.COMPLETE, p, sim.estimate_cost(p), strategy_info=info, score=score)
-        for number, (p, score, info) in enumerate(
-            (
-                (plan("sim-1B"), 0.13, {"phase": "probe", "probe": [[s, "sim-1B"] for s in sim_space.stages]}),
-                (plan("sim-70B"), 0.55, {"phase": "probe", "probe": [["stage3", "sim-70B"]]}),
-            )
-        )
+        trial(0, cheap, 0.13, {"phase": "probe", "probe": [[s, "sim-1B"] for s in sim_space.stages]}, sim.estimate_cost(cheap)),
+        trial(1, costly, 0.55, {"phase": "probe", "probe": [["stage3", "sim-70B"]]}, sim.estimate_cost(costly)),
     ]
     ctx = StudyContext(sim_space, budget, sim.info, sim.estimate_cost, tuple(probes), 0)
     assembled = _assemble(sim_space, ctx, 1)

@@ -442,9 +442,7 @@ def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -
         _impute(space, anchor, index, probe, context)
         for model in space.stage_models[stage]:
             if (stage, model) in probe and (stage, model) not in probe_cost:  # imputed: costed as its probe would be
-                choices = list(anchor)
-                choices[index] = StageChoice(((model, min(space.n_choices[model])),), anchor[index].cap)
-                probe_cost[(stage, model)] = _spent(context, space.plan(choices))
+                probe_cost[(stage, model)] = _spent_smallest(space, anchor, index, model, context)
     ranked: list[list[str]] = []
     for stage in space.stages:
         known = [m for m in space.stage_models[stage] if (stage, m) in probe]
@@ -504,11 +502,7 @@ def _impute(
     if not any((stage, m) in probe for m in space.stage_models[stage]):
         return
 
-    def spent(model: str) -> float:
-        choice = StageChoice(((model, min(space.n_choices[model])),), base[index].cap)
-        return _spent(context, space.plan(tuple(choice if i == index else c for i, c in enumerate(base))))
-
-    ranked = sorted(space.stage_models[stage], key=spent)
+    ranked = sorted(space.stage_models[stage], key=lambda model: _spent_smallest(space, base, index, model, context))
     known = [i for i, m in enumerate(ranked) if (stage, m) in probe]
     for i, model in enumerate(ranked):
         if (stage, model) in probe:
@@ -523,6 +517,13 @@ def _impute(
             probe[(stage, model)] = a + (b - a) * min(1.0, max(0.0, share))
         else:
             probe[(stage, model)] = probe[(stage, ranked[(below or above)[-1 if below else 0]])]
+
+
+def _spent_smallest(space: SearchSpace, base: Sequence[StageChoice], index: int, model: str, context: StudyContext) -> float:
+    """What ``base`` costs (budget units) with stage ``index`` running ``model`` at its smallest count, at that
+    stage's cap: how a model is priced on a stage where it has not been probed."""
+    choice = StageChoice(((model, min(space.n_choices[model])),), base[index].cap)
+    return _spent(context, space.plan(tuple(choice if i == index else c for i, c in enumerate(base))))
 
 
 def _log_size(context: StudyContext, model: str) -> float:
