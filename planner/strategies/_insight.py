@@ -130,8 +130,9 @@ class InsightStrategy(Strategy):
         complete = [t for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None]
         if not complete:
             return out
+        ranking = _assembly_ranking(space, context)
         for floor in (1, 4):
-            assembled = _assemble(space, context, floor)
+            assembled = None if ranking is None else _assemble(space, context, floor, ranking)
             if assembled is not None and assembled.plan_id not in tried and len(out) < n:
                 tried.add(assembled.plan_id)
                 why = (
@@ -431,10 +432,18 @@ def probes_every_model(space: SearchSpace) -> bool:
     return len(space.stages) == 1
 
 
-def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -> Plan | None:
-    """Insights 1-3 in one plan: each stage's best-probed model, downgraded (the stage whose model costs
-    most moves to its next best cheaper model) until every stage affords ``min_samples`` within the
-    budget, then the samples of the weakest stage that can still grow are doubled while the plan fits."""
+@dataclass(frozen=True)
+class _Ranking:
+    """What the assembly builds from: per stage, the models with a probe score (measured or imputed), best first
+    (ties: the cheaper), and their scores and probe costs. Computed once per propose, used for every floor."""
+
+    ranked: tuple[tuple[str, ...], ...]
+    probe: Mapping[tuple[str, str], float]
+    probe_cost: Mapping[tuple[str, str], float]
+
+
+def _assembly_ranking(space: SearchSpace, context: StudyContext) -> _Ranking | None:
+    """The probes' ranking of each stage's models; ``None`` while a stage has no probe."""
     probe = _probe_scores(context, space)
     probe_cost = _probe_costs(context)
     anchor = tuple(_cheapest_fitting(space, s, context) for s in space.stages)
@@ -449,6 +458,17 @@ def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1) -
         if not known:
             return None
         ranked.append(sorted(known, key=lambda m, s=stage: (-probe[(s, m)], probe_cost.get((s, m), 0.0))))
+    return _Ranking(tuple(tuple(r) for r in ranked), probe, probe_cost)
+
+
+def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1, ranking: _Ranking | None = None) -> Plan | None:
+    """Insights 1-3 in one plan: each stage's best-probed model, downgraded (the stage whose model costs
+    most moves to its next best cheaper model) until every stage affords ``min_samples`` within the
+    budget, then the samples of the weakest stage that can still grow are doubled while the plan fits."""
+    ranking = ranking or _assembly_ranking(space, context)
+    if ranking is None:
+        return None
+    ranked, probe, probe_cost = ranking.ranked, ranking.probe, ranking.probe_cost
     cap = _widest_cap(space)
     picks = [0] * len(space.stages)
 
