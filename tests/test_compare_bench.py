@@ -55,14 +55,51 @@ def test_a_run_better_on_every_setting_is_better_with_an_interval_below_zero() -
 
 def test_gains_and_losses_that_cancel_are_no_clear_difference_and_the_interval_is_seeded() -> None:
     base = report({k: {"insight": (3.0, 12.0)} for k in SETTINGS})
-    swings = [2.0, -2.0, 0.1, -0.1, 1.0, -1.0] * 3
+    swings = [2.0, -1.0, 0.1, -0.1, 1.5, -2.0, 0.8, -0.2, -0.4, 0.3, -1.2, 0.2, -0.9, 1.1, 0.0, -0.6, 0.4, 0.0]
     new = report({k: {"insight": (3.0 + s, 12.0)} for k, s in zip(SETTINGS, swings, strict=True)})
     result = compare_bench.compare(base, new)
-    assert result.difference == pytest.approx(0.0)
+    assert result.difference == pytest.approx(statistics.fmean(swings))
     assert result.low < 0 < result.high and result.verdict == "no clear difference"
-    assert (result.won, result.lost) == (6, 6)  # the 0.1-point moves are under the margin
+    assert (result.won, result.lost) == (5, 4)  # the moves of 0.5 point or less are under the margin
     assert compare_bench.compare(base, new) == result
-    assert compare_bench.compare(base, new, seed=1).low != result.low
+    assert (compare_bench.compare(base, new, seed=1).low, compare_bench.compare(base, new, seed=1).high) != (
+        result.low,
+        result.high,
+    )
+
+
+def with_seeds(regrets: dict[tuple[str, float], list[float]]) -> dict[str, Any]:
+    """A bench report whose settings carry per-seed regrets (seeds 0, 1, ...), their mean as the aggregate."""
+    out = report({k: {"insight": (statistics.fmean(r), None)} for k, r in regrets.items()})
+    for row in out["results"]:
+        seeds = regrets[(row["benchmark"], row["budget_fraction"])]
+        row["strategies"]["insight"]["per_seed"] = [{"seed": i, "regret": r} for i, r in enumerate(seeds)]
+    return out
+
+
+def test_seed_noise_within_settings_widens_the_interval() -> None:
+    # Every setting moves by +0.5 on average, but its seeds scatter from -3 to +4: five seeds do not show a change.
+    base = with_seeds({k: [2.0] * 5 for k in SETTINGS})
+    new = with_seeds({k: [5.0, 0.0, 6.0, -1.0, 2.5] for k in SETTINGS})
+    result = compare_bench.compare(base, new)
+    assert result.difference == pytest.approx(0.5)
+    assert result.low < 0 < result.high and result.verdict == "no clear difference"
+    # The same mean change with quiet seeds is a clear one.
+    quiet = with_seeds({k: [2.4, 2.6, 2.5, 2.5, 2.5] for k in SETTINGS})
+    assert compare_bench.compare(base, quiet).verdict == "worse"
+    # Seeds are paired by number: a run against itself has no spread at all.
+    assert (compare_bench.compare(new, new).low, compare_bench.compare(new, new).high) == (0.0, 0.0)
+    assert compare_bench.seed_deltas({"per_seed": [{"seed": 0, "regret": 1.0}, {"seed": 1, "regret": None}]}, {}) == []
+
+
+def test_the_budgets_of_one_task_are_drawn_together() -> None:
+    # Two tasks are 2 points worse at all three budgets, four are unchanged: two tasks, not six settings, of evidence
+    # (drawn as 18 independent settings, the interval would exclude zero).
+    base = report({k: {"insight": (1.0, None)} for k in SETTINGS})
+    new = report({k: {"insight": (3.0 if k[0] in ("task0", "task1") else 1.0, None)} for k in SETTINGS})
+    result = compare_bench.compare(base, new)
+    assert result.difference == pytest.approx(2.0 / 3)
+    assert result.low <= 0 < result.high and result.verdict == "no clear difference"
 
 
 def test_one_strategy_against_another_on_the_shared_settings_only() -> None:
