@@ -15,6 +15,7 @@ from planner.strategies._insight import (
     PRIOR_GAIN,
     RESAMPLE_AFTER,
     InsightStrategy,
+    _closest,
     _jumped,
     _Move,
     _observed_gains,
@@ -361,20 +362,27 @@ def _sim_big_stages():  # type: ignore[no-untyped-def]
     return sim_space, ctx, incumbent
 
 
-def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_at_the_same_spend() -> None:
+def test_on_a_multi_stage_task_a_cheaper_model_that_probed_worse_is_resampled_halfway_to_the_same_spend() -> None:
     sim_space, ctx, incumbent = _sim_big_stages()
     base = tuple(sim_space.choices_of(incumbent))
     moves = list(InsightStrategy(0)._moves(sim_space, base, ctx))
     # stage 3's 1B probed 41 points below its 70B, the unprobed ones count as worse still: no downsize there,
-    # but each is resampled at the samples the same spend buys
+    # but each is resampled, at the count halfway (in doublings) between the incumbent's 2 and the most
+    # samples the same spend buys
     assert not [m for m in moves if m.kind == "downsize" and m.choices[2] != base[2]]
     resampled = [m for m in moves if m.kind == "resample" and m.choices[2] != base[2] and "saving" not in m.note]
     assert sorted(m.detail for m in resampled) == ["sim-1B", "sim-3B", "sim-8B"]
     here = ctx.spent(incumbent)
     for move in resampled:
         ((model, n),) = move.choices[2].samples
-        assert model == move.detail and n > 2 and move.choices[:2] == base[:2]
-        assert ctx.spent(sim_space.plan(move.choices)) <= here * (1 + 1e-9)
+        assert model == move.detail and move.choices[:2] == base[:2]
+        same_spend = max(
+            c
+            for c in sim_space.n_choices[model]
+            if ctx.spent(sim_space.plan((*base[:2], StageChoice(((model, c),), base[2].cap)))) <= here * (1 + 1e-9)
+        )
+        assert same_spend >= 16 and n == _closest(sim_space.n_choices[model], round((2 * same_spend) ** 0.5))
+        assert 2 < n < same_spend and ctx.spent(sim_space.plan(move.choices)) < here
     # the one move that tests what samples of a cheaper model do there: ranked with a swap, above a downsize
     assert PRIOR_GAIN["resample"] == PRIOR_GAIN["swap"] > PRIOR_GAIN["downsize"]
 

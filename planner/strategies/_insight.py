@@ -21,7 +21,9 @@ Its moves:
   cheaper model that probed worse (``resample``; ranked with a swap once ``RESAMPLE_AFTER`` search moves are
   tried, below a downsize before): a probe there is measured through the other stages at their weakest, and
   one sample does not show what a model gains from many, which on a stage that gains most from samples of a
-  small model misses the plan's largest gain;
+  small model misses the plan's largest gain. A resample draws the count halfway, in doublings, between the
+  incumbent's and the most the same spend buys: where a small model's votes peak is unknown, and the middle
+  is at most half the doublings away from it (grows and checks go on from there) and generates less;
 - mix a model in at its smallest count (or paid for by fewer samples of the others), or drop one;
 - step the thinking cap to the next tighter or looser one; change the early-stop rule;
 - trade budget between two stages.
@@ -316,8 +318,11 @@ class InsightStrategy(Strategy):
                         and _spent(context, space.plan(with_stage(rebuilt({**rest, other: c})))) <= here * (1 + 1e-9)
                     ]
                     if more:
-                        note = f"{kind} {model} to cheaper {other} x{more[0]}"
-                        downsized = with_stage(rebuilt({**rest, other: more[0]}))
+                        count = more[0]
+                        if kind == "resample":  # halfway in doublings: see the module docstring
+                            count = _closest(space.n_choices[other], round(math.sqrt(max(n, 1) * more[0])))
+                        note = f"{kind} {model} to cheaper {other} x{count}"
+                        downsized = with_stage(rebuilt({**rest, other: count}))
                         yield _Move(kind, downsized, note, other, frees=True)
                         # Counts come in doublings, so the same spend is seldom matched: what is left over
                         # doubles a node of another stage where that now fits (insight 3).
