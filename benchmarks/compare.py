@@ -15,7 +15,11 @@ moved the mean regret of 150 simulated settings by +0.13 pt; resampling settings
 ([+0.01, +0.29]), this interval does not ([-0.04, +0.40]). Reports without per-seed results are resampled by
 task only.
 
-    python benchmarks/compare.py BASE.json NEW.json [--strategy insight] [--against tpe] [--margin 0.5]
+    python benchmarks/compare.py BASE.json[,MORE.json] NEW.json[,MORE.json] [--strategy insight] [--against tpe]
+
+Several reports on one side (comma-separated) are pooled: runs of the same tasks with other study seeds
+(``--first-seed``), whose per-seed results are joined setting by setting, so a change can be checked on more
+luck than one run holds.
 
 The verdict says "better" or "worse" only where the interval excludes zero, else "no clear difference".
 Seeded: the same files give the same interval.
@@ -32,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Comparison", "compare", "load_report", "main", "paired_regrets", "seed_deltas"]
+from planner.bench import aggregate_seeds
+
+__all__ = ["Comparison", "compare", "load_report", "main", "paired_regrets", "pool_reports", "seed_deltas"]
 
 Setting = tuple[str, float]
 
@@ -94,6 +100,38 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("results"), list):
         raise ValueError(f"{path}: not a bench report (no 'results' list): write one with allot bench --json")
     return report
+
+
+def pool_reports(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """One report from runs of the same tasks with other seeds: per setting and strategy, the runs' per-seed
+    results joined and aggregated again. ``ValueError`` naming the file and setting where a seed is in two runs
+    or a run has no per-seed results."""
+    if len(reports) == 1:
+        return dict(reports[0][1])
+    rows: dict[Setting, dict[str, Any]] = {}
+    seeds: dict[tuple[Setting, str], dict[Any, str]] = {}
+    for label, report in reports:
+        for row in report["results"]:
+            key = (str(row["benchmark"]), float(row["budget_fraction"]))
+            pooled = rows.setdefault(key, {**row, "strategies": {}})
+            if pooled.get("optimum") is None:
+                pooled["optimum"] = row.get("optimum")
+            for name, agg in (row.get("strategies") or {}).items():
+                per_seed = agg.get("per_seed")
+                if not per_seed:
+                    raise ValueError(f"{label}: {name} on {key[0]} at {key[1]:g} has no per-seed results to pool")
+                owners = seeds.setdefault((key, name), {})
+                for result in per_seed:
+                    if result.get("seed") in owners:
+                        raise ValueError(
+                            f"{label}: seed {result.get('seed')} of {name} on {key[0]} at {key[1]:g} is also in "
+                            f"{owners[result.get('seed')]}: run one of them with other seeds (--first-seed)"
+                        )
+                    owners[result.get("seed")] = label
+                pooled["strategies"].setdefault(name, []).extend(per_seed)
+    for row in rows.values():
+        row["strategies"] = {name: aggregate_seeds(per_seed) for name, per_seed in row["strategies"].items()}
+    return {"meta": {"pooled": [label for label, _ in reports]}, "results": list(rows.values())}
 
 
 def paired_regrets(report: Mapping[str, Any], strategy: str, label: str) -> dict[Setting, dict[str, Any]]:
@@ -190,8 +228,8 @@ def compare(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", type=Path, help="the bench report to compare against")
-    parser.add_argument("new", type=Path, help="the bench report of the change")
+    parser.add_argument("base", help="the bench report to compare against (several, comma-separated: pooled)")
+    parser.add_argument("new", help="the bench report of the change (several, comma-separated: pooled)")
     parser.add_argument("--strategy", default="insight", help="the strategy compared (in the new report)")
     parser.add_argument("--against", default=None, help="the base report's strategy (default: the same)")
     parser.add_argument("--within", type=int, default=10, help="trials of the 'within 0.5 pt' count")
@@ -201,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         result = compare(
-            load_report(args.base),
-            load_report(args.new),
+            pool_reports([(path, load_report(path)) for path in args.base.split(",")]),
+            pool_reports([(path, load_report(path)) for path in args.new.split(",")]),
             args.strategy,
             args.against,
             within=args.within,

@@ -20,7 +20,7 @@ within 0.5 point of the optimum / search cost with sample reuse as a multiple of
 plan, then a summary per strategy.
 
     python benchmarks/heldout.py [--data DIR] [--strategy insight --strategy tpe ...]
-        [--budget 0.02 ...] [--trials 20] [--seeds 5] [--workers 2] [--simulated-seeds 15-29] [--json OUT]
+        [--budget 0.02 ...] [--trials 20] [--seeds 5] [--first-seed 0] [--workers 2] [--simulated-seeds 15-29] [--json OUT]
 
 ``--json`` writes the bench report, which ``benchmarks/compare.py`` pairs with another run's to say whether a
 change helped beyond the luck of move order.
@@ -183,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, action="append", default=None)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="study seeds run from here (another seed set)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--simulated-seeds",
@@ -195,11 +196,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         fresh = None if args.simulated_seeds is None else simulated_tasks(args.simulated_seeds)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.first_seed < 0:
+        parser.error(f"--first-seed {args.first_seed}: seeds are numbers >= 0")
     strategies = tuple(args.strategy or ("insight", "agenttts", "agent-reinforce", "gptswarm", "tpe", "random"))
     budgets = tuple(args.budget or (0.02, 0.05, 0.1, 0.2, 0.5))
     with tempfile.TemporaryDirectory(prefix="allot-heldout-") as tmp:
         made = [] if fresh is not None else make_variants(args.data or bundled_data_dir(), Path(tmp))
-        config = BenchConfig(budgets=budgets, trials=args.trials, seeds=args.seeds, strategies=strategies, workers=args.workers)
+        config = BenchConfig(
+            budgets=budgets,
+            trials=args.trials,
+            seeds=args.seeds,
+            first_seed=args.first_seed,
+            strategies=strategies,
+            workers=args.workers,
+        )
         result = run_bench(config, environments=environments(made, SIMULATED if fresh is None else fresh))
     print(f"{args.trials} trials x {args.seeds} seeds; cell: regret (pt) / median trials to 0.5 pt / search cost x optimum")
     print("\n".join(summarise(result, strategies)))

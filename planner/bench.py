@@ -56,6 +56,7 @@ __all__ = [
     "BenchResult",
     "Optimum",
     "TableRow",
+    "aggregate_seeds",
     "bench_environments",
     "find_optimum",
     "run_bench",
@@ -86,6 +87,8 @@ class BenchConfig:
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
     trials: int = 20
     seeds: int = 3
+    first_seed: int = 0
+    """Studies run seeds ``first_seed .. first_seed + seeds - 1``: another seed set checks a change on other luck."""
     strategies: tuple[str, ...] | None = None
     planner_model: str | None = None
     api_base: str | None = None
@@ -101,11 +104,17 @@ class BenchConfig:
             raise BudgetError(f"budget fraction {bad[0]} must be in (0, 1]: it is a share of the costliest single-model plan")
         if self.trials < 1 or self.seeds < 1:
             raise ValueError("trials and seeds must be >= 1")
+        if self.first_seed < 0:
+            raise ValueError(f"first seed must be >= 0, got {self.first_seed}")
         unknown = [s for s in self.strategy_names if s not in STRATEGIES]
         if unknown:
             raise ValueError(f"unknown strategy {unknown[0]!r}: choose one of {', '.join(STRATEGIES)}")
         if any(n < 1 for n in self.simulated):
             raise ValueError("a simulated task needs at least 1 stage")
+
+    @property
+    def seed_numbers(self) -> range:
+        return range(self.first_seed, self.first_seed + self.seeds)
 
     @property
     def strategy_names(self) -> tuple[str, ...]:
@@ -121,7 +130,7 @@ class BenchConfig:
             "budget_scale": "cost of the most expensive single-model plan of the space, per task input",
             "budget_unit": UNIT.value,
             "trials": self.trials,
-            "seeds": list(range(self.seeds)),
+            "seeds": list(self.seed_numbers),
             "strategies": list(self.strategy_names),
             "planner_model": self.planner_model,
             "api_base": self.api_base,
@@ -446,7 +455,8 @@ def _median_trials(values: Sequence[int | None]) -> float | None:
     return None if math.isinf(median) else median
 
 
-def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One strategy's results on one setting over its seeds (the report's per-strategy entry), from the per-seed ones."""
     best = [r["best_score"] for r in per_seed]
     regret = [r["regret"] for r in per_seed]
     out: dict[str, Any] = {
@@ -607,7 +617,7 @@ def run_bench(
         for c, case in enumerate(cases)
         if case.optimum is not None
         for n, name in enumerate(names)
-        for seed in range(config.seeds)
+        for seed in config.seed_numbers
     ]
     _SHARED.update(envs=envs, spaces=spaces, cases=cases, config=config)
     done: dict[tuple[int, int, str, int], dict[str, Any]] = {}
@@ -634,8 +644,8 @@ def run_bench(
         strategies = {}
         if case.optimum is not None:
             for n, name in enumerate(names):
-                per_seed = [done[(c, n, name, seed)] for seed in range(config.seeds)]
-                strategies[name] = _aggregate(per_seed)
+                per_seed = [done[(c, n, name, seed)] for seed in config.seed_numbers]
+                strategies[name] = aggregate_seeds(per_seed)
                 errors += [f"{env.info.name} @ {case.fraction:g}, {name}: {e}" for e in strategies[name]["errors"]]
         else:
             errors.append(f"{env.info.name} @ {case.fraction:g}: {case.error}")

@@ -453,7 +453,8 @@ def bench(
         ),
     ] = None,
     trials: Annotated[int, typer.Option(min=1, help="Evaluated trials per study.")] = 20,
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds per strategy and budget (0..S-1).")] = 3,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per strategy and budget (F..F+S-1).")] = 3,
+    first_seed: Annotated[int, typer.Option(min=0, help="First seed F: another seed set checks a change on other luck.")] = 0,
     strategy: Annotated[
         list[str] | None, typer.Option("--strategy", help="Strategy to run (repeatable; default: every one registered).")
     ] = None,
@@ -483,6 +484,7 @@ def bench(
             budgets=tuple(budget) if budget else DEFAULT_BUDGETS,
             trials=trials,
             seeds=seeds,
+            first_seed=first_seed,
             strategies=tuple(strategy) if strategy else None,
             planner_model=planner_model,
             api_base=api_base,

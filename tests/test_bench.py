@@ -331,6 +331,20 @@ def test_planner_cost_and_failures_are_recorded(monkeypatch: pytest.MonkeyPatch,
     assert any("broken" in e for e in result.errors)
 
 
+def test_another_seed_set_runs_those_seeds_and_gets_the_same_studies_for_them() -> None:
+    env = SimulatedEnvironment(stages=2, seed=4)
+    config = {"budgets": (0.1,), "trials": 5, "strategies": ("insight", "random"), "workers": 1}
+    later = run_bench(BenchConfig(**config, seeds=2, first_seed=3), environments=[env]).to_json()
+    assert later["meta"]["seeds"] == [3, 4]
+    (row,) = later["results"]
+    assert [r["seed"] for r in row["strategies"]["random"]["per_seed"]] == [3, 4]
+    whole = run_bench(BenchConfig(**config, seeds=5), environments=[env]).to_json()
+    for name in ("insight", "random"):
+        assert row["strategies"][name]["per_seed"] == whole["results"][0]["strategies"][name]["per_seed"][3:]
+    with pytest.raises(ValueError, match="first seed must be >= 0"):
+        BenchConfig(first_seed=-1)
+
+
 def test_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown strategy"):
         BenchConfig(strategies=("nope",))
@@ -391,11 +405,12 @@ def test_cli_bench_end_to_end(tiny_dir: Path, tmp_path: Path) -> None:
 def test_cli_bench_simulated_only(tmp_path: Path) -> None:
     out = tmp_path / "sim.json"
     args = ["bench", "--no-replay", "--simulated", "2", "--budget", "0.2", "--trials", "3", "--seeds", "1"]
-    args += ["--strategy", "tpe", "--json", str(out), "--workers", "1"]
+    args += ["--strategy", "tpe", "--json", str(out), "--workers", "1", "--first-seed", "7"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (entry,) = json.loads(out.read_text())["results"]
     assert entry["kind"] == "simulated"
+    assert [r["seed"] for r in entry["strategies"]["tpe"]["per_seed"]] == [7]
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,32 @@ def test_seed_noise_within_settings_widens_the_interval() -> None:
     assert compare_bench.seed_deltas({"per_seed": [{"seed": 0, "regret": 1.0}, {"seed": 1, "regret": None}]}, {}) == []
 
 
+def test_runs_with_other_seeds_pool_into_one_report_per_side() -> None:
+    first = with_seeds({k: [1.0, 3.0] for k in SETTINGS})
+    second = with_seeds({k: [2.0, 6.0] for k in SETTINGS})
+    for row in second["results"]:
+        for result in row["strategies"]["insight"]["per_seed"]:
+            result["seed"] += 2
+    for result in [r for row in first["results"] + second["results"] for r in row["strategies"]["insight"]["per_seed"]]:
+        result.update(best_score=0.8 - result["regret"] / 100, curve=[None], error=None)
+        result.update({f"trials_to_{k}": None for k in ("1pt", "half_pt")})
+        cost = {"with_reuse": 1.0, "without_reuse": 2.0}
+        result.update(search_cost=cost, search_cost_ratio=cost)
+        result.update(planner_cost={"tokens": 0, "usd": 0.0})
+    pooled = compare_bench.pool_reports([("a.json", first), ("b.json", second)])
+    assert pooled["meta"]["pooled"] == ["a.json", "b.json"]
+    for row in pooled["results"]:
+        agg = row["strategies"]["insight"]
+        assert [r["seed"] for r in agg["per_seed"]] == [0, 1, 2, 3] and agg["regret_mean"] == pytest.approx(3.0)
+    together = with_seeds({k: [1.0, 3.0, 2.0, 6.0] for k in SETTINGS})
+    assert compare_bench.compare(together, pooled).difference == pytest.approx(0.0)
+    assert compare_bench.pool_reports([("a.json", first)]) == first
+    with pytest.raises(ValueError, match=r"b\.json: seed 0 of insight on task0 at 0\.02 is also in a\.json"):
+        compare_bench.pool_reports([("a.json", first), ("b.json", first)])
+    with pytest.raises(ValueError, match=r"b\.json: insight on task0 at 0\.02 has no per-seed results to pool"):
+        compare_bench.pool_reports([("a.json", first), ("b.json", report({k: {"insight": (1.0, None)} for k in SETTINGS}))])
+
+
 def test_the_budgets_of_one_task_are_drawn_together() -> None:
     # Two tasks are 2 points worse at all three budgets, four are unchanged: two tasks, not six settings, of evidence
     # (drawn as 18 independent settings, the interval would exclude zero).

@@ -76,6 +76,8 @@ def test_simulated_seeds_name_fresh_tasks_of_two_to_four_stages_and_bad_ranges_a
     for bad in ("x", "9-3", "1-b", "-4"):
         with pytest.raises(ValueError, match="--simulated-seeds"):
             heldout.simulated_tasks(bad)
+    with pytest.raises(SystemExit):
+        heldout.main(["--first-seed", "-1", "--simulated-seeds", "15"])
 
 
 def test_json_report_of_a_fresh_check_is_what_compare_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
