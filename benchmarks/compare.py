@@ -121,13 +121,13 @@ def pool_reports(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, 
                 if not per_seed:
                     raise ValueError(f"{label}: {name} on {key[0]} at {key[1]:g} has no per-seed results to pool")
                 owners = seeds.setdefault((key, name), {})
-                for result in per_seed:
-                    if result.get("seed") in owners:
+                for number in (result.get("seed") for result in per_seed):
+                    if number in owners:
                         raise ValueError(
-                            f"{label}: seed {result.get('seed')} of {name} on {key[0]} at {key[1]:g} is also in "
-                            f"{owners[result.get('seed')]}: run one of them with other seeds (--first-seed)"
+                            f"{label}: seed {number} of {name} on {key[0]} at {key[1]:g} is also in {owners[number]}: "
+                            "run one of them with other seeds (--first-seed)"
                         )
-                    owners[result.get("seed")] = label
+                    owners[number] = label
                 pooled["strategies"].setdefault(name, []).extend(per_seed)
     for row in rows.values():
         row["strategies"] = {name: aggregate_seeds(per_seed) for name, per_seed in row["strategies"].items()}

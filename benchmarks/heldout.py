@@ -192,16 +192,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the bench report here (for benchmarks/compare.py)")
     args = parser.parse_args(argv)
-    try:
-        fresh = None if args.simulated_seeds is None else simulated_tasks(args.simulated_seeds)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.first_seed < 0:
-        parser.error(f"--first-seed {args.first_seed}: seeds are numbers >= 0")
     strategies = tuple(args.strategy or ("insight", "agenttts", "agent-reinforce", "gptswarm", "tpe", "random"))
     budgets = tuple(args.budget or (0.02, 0.05, 0.1, 0.2, 0.5))
-    with tempfile.TemporaryDirectory(prefix="allot-heldout-") as tmp:
-        made = [] if fresh is not None else make_variants(args.data or bundled_data_dir(), Path(tmp))
+    try:
+        fresh = None if args.simulated_seeds is None else simulated_tasks(args.simulated_seeds)
         config = BenchConfig(
             budgets=budgets,
             trials=args.trials,
@@ -210,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             strategies=strategies,
             workers=args.workers,
         )
+    except ValueError as exc:  # the bench's own checks (seeds, budgets, strategies) name the problem
+        parser.error(str(exc))
+    with tempfile.TemporaryDirectory(prefix="allot-heldout-") as tmp:
+        made = [] if fresh is not None else make_variants(args.data or bundled_data_dir(), Path(tmp))
         result = run_bench(config, environments=environments(made, SIMULATED if fresh is None else fresh))
     print(f"{args.trials} trials x {args.seeds} seeds; cell: regret (pt) / median trials to 0.5 pt / search cost x optimum")
     print("\n".join(summarise(result, strategies)))
