@@ -415,7 +415,8 @@ def test_a_last_stage_that_gains_from_samples_of_a_small_model_is_resampled_to_i
     best = max(trials, key=lambda t: env.true_score(t.plan))
     assert "sim-70B" not in best.plan.stages[3].models
     assert env.true_score(best.plan) > on_70b + 0.1
-    assert any(t.strategy_info.get("move") == "resample" and t.plan.stages[3].models == ("sim-3B",) for t in trials)
+    # the 70B is left by a resample (a cheaper model that probed worse), the only move that tries one at many samples
+    assert any(t.strategy_info.get("move") == "resample" and "sim-70B" not in t.plan.stages[3].models for t in trials)
 
 
 def test_a_downsize_keeps_its_parents_spend_bonus_and_its_reinvested_twin_earns_its_own() -> None:
@@ -436,3 +437,81 @@ def test_a_downsize_keeps_its_parents_spend_bonus_and_its_reinvested_twin_earns_
         assert _spend_share(ctx, move, plan, here) == pytest.approx(ctx.spent(plan) / ctx.budget.limit)
     grow = next(m for m in InsightStrategy(0)._moves(sim_space, base, ctx) if m.kind == "grow")
     assert not grow.frees
+
+
+def _stage1_probes(gap: float, spread: float, repeats: int):  # type: ignore[no-untyped-def]
+    """The simulated 3-stage task's anchor probe (1B everywhere) and a probe of 70B on stage 1 that scored ``gap``
+    below it, each with ``repeats`` scores whose spread is ``spread``; stages 2 and 3 probed far apart."""
+    from dataclasses import replace as with_fields
+
+    sim = SimulatedEnvironment(stages=3, seed=0)
+    sim_space = SearchSpace.from_info(sim.info)
+
+    def plan(models: tuple[str, str, str]):  # type: ignore[no-untyped-def]
+        return sim_space.plan([StageChoice(((m, 1),)) for m in models])
+
+    def probed(number: int, models: tuple[str, str, str], score: float, covers: list[list[str]]) -> FrozenTrial:
+        scores = (score - spread, score + spread) * (repeats // 2) if repeats > 1 else ()
+        base = trial(number, plan(models), score, {"phase": "probe", "probe": covers}, sim.estimate_cost(plan(models)))
+        return with_fields(base, spread=spread if repeats > 1 else None, scores=scores)
+
+    probes = [
+        probed(0, ("sim-1B", "sim-1B", "sim-1B"), 0.20, [[s, "sim-1B"] for s in sim_space.stages]),
+        probed(1, ("sim-70B", "sim-1B", "sim-1B"), 0.20 - gap, [["stage1", "sim-70B"]]),
+        probed(2, ("sim-1B", "sim-70B", "sim-1B"), 0.30, [["stage2", "sim-70B"]]),
+        probed(3, ("sim-1B", "sim-1B", "sim-70B"), 0.60, [["stage3", "sim-70B"]]),
+    ]
+    budget = Budget(limit=sim.estimate_cost(plan(("sim-70B", "sim-70B", "sim-70B"))).flops * 4, unit="flops")
+    return sim_space, StudyContext(sim_space, budget, sim.info, sim.estimate_cost, tuple(probes), 0)
+
+
+def test_probe_noise_is_the_standard_error_of_a_difference_between_two_probes() -> None:
+    import math
+
+    from planner.strategies._insight import _probe_noise
+
+    _, ctx = _stage1_probes(gap=0.01, spread=0.02, repeats=4)
+    # each probe: 4 scores with population spread 0.02 -> standard error 0.02 / sqrt(3); a difference: sqrt(2) times that
+    assert _probe_noise(ctx) == pytest.approx(math.sqrt(2) * 0.02 / math.sqrt(3))
+    _, quiet = _stage1_probes(gap=0.01, spread=0.0, repeats=1)
+    assert _probe_noise(quiet) == 0.0  # evaluations without a spread: no noise known, no ties
+
+
+def test_on_a_multi_stage_task_the_assembly_ranks_the_costlier_of_two_models_tied_within_the_noise_first() -> None:
+    """Stage 1's 70B probe scored a point below the cheap anchor: within two standard errors (1.6 points) it is a
+    tie, and the costlier model ranks first and is assembled; beyond the noise, or with no spread reported, the
+    better-probed cheaper model stays first."""
+    from planner.strategies._insight import TIE_Z, _assemble, _assembly_ranking, _probe_noise
+
+    sim_space, ctx = _stage1_probes(gap=0.01, spread=0.02, repeats=4)
+    assert TIE_Z * _probe_noise(ctx) > 0.01
+    ranking = _assembly_ranking(sim_space, ctx)
+    assert ranking is not None and ranking.ranked[0][0] == "sim-70B"
+    assembled = _assemble(sim_space, ctx, 1, ranking)
+    assert assembled is not None and dict(sim_space.choices_of(assembled)[0].samples).keys() == {"sim-70B"}
+    # stage 3's probes differ by 40 points, far beyond the noise: the better model first, as before
+    assert ranking.ranked[2][0] == "sim-70B" and ranking.ranked[2][-1] == "sim-1B"
+
+    for gap, spread, repeats in ((0.05, 0.02, 4), (0.01, 0.0, 1)):
+        sim_space, ctx = _stage1_probes(gap=gap, spread=spread, repeats=repeats)
+        ranking = _assembly_ranking(sim_space, ctx)
+        assert ranking is not None and ranking.ranked[0][0] == "sim-1B", (gap, spread)
+
+
+def test_on_a_single_stage_task_a_tie_within_the_noise_keeps_the_better_probed_model_first(env, space) -> None:
+    """4B and 8B probed half a point apart, within the noise (5 points of spread over two orderings): on a single
+    stage each probe measures its model directly, so the better-probed, cheaper 4B stays first."""
+    from dataclasses import replace as with_fields
+
+    from planner.strategies._insight import _assembly_ranking, _probe_noise
+
+    budget = Budget(limit=1e18, unit="flops")
+    scores = {"Qwen3-0.6B": 0.30, "Qwen3-1.7B": 0.50, "Qwen3-4B": 0.750, "Qwen3-8B": 0.745}
+    probes = []
+    for number, (model, score) in enumerate(scores.items()):
+        plan = space.plan([StageChoice(((model, 1),))])
+        probed = trial(number, plan, score, {"phase": "probe", "stage": "answer", "model": model}, env.estimate_cost(plan))
+        probes.append(with_fields(probed, spread=0.05, scores=(score - 0.05, score + 0.05)))
+    assert _probe_noise(context(env, space, budget, probes)) > 0.05
+    ranking = _assembly_ranking(space, context(env, space, budget, probes))
+    assert ranking is not None and ranking.ranked[0] == ("Qwen3-4B", "Qwen3-8B", "Qwen3-1.7B", "Qwen3-0.6B")

@@ -2,7 +2,8 @@
 
 1. Stages prefer different models: probe models once, at the smallest sample count; every model of a
    single-stage task, each stage's cheapest and costliest of a multi-stage one (``probes_every_model``), the
-   others scored between them.
+   others scored between them. On a multi-stage task a stage whose probes differ by less than the noise is
+   unresolved, and the assembly starts it from its costliest model (``TIE_Z``).
 2. More samples help up to a point: grow the best models' sample counts toward the budget, and stop
    growing a node of the best plan once its last doubling gained less than ``plateau`` (score, 0..1).
 3. Stages interact: after the probes, moves change one stage at a time (and trade budget between two
@@ -71,6 +72,15 @@ RESAMPLE_AFTER = 3
 moves around the assembled plan (checks, grows) finish many searches, and a resample tried first would delay them."""
 PRIOR_WEIGHT = 1.0
 """How many observations the prior of a move's gain weighs against the study's own evidence."""
+TIE_Z = 2.0
+"""On a multi-stage task, a stage whose probes all differ by less than this many standard errors (of a difference,
+from the probes' own spread) is unresolved, and the assembly ranks its models costliest first. There a probe is
+measured through the other stages at their weakest, which shrinks what a stage's model changes toward zero (most on
+the first stages, whose answers the weak later stages spoil), so a difference within the noise does not show that
+the cheaper model does as well at scale, and the larger one is the better bet, as scaling goes. The cheaper ones
+stay next in line: the assembly downgrades to them where the costlier does not fit, and the search downsizes to
+them. On a single-stage task each probe measures its model directly, and of two models that probed alike the
+cheaper, with more samples, is the better bet (insight 1)."""
 NARROW = 0.25
 """Two models of a stage whose probes differ by less than this share of the widest stage's spread count as about as
 good: the cheaper one is worth a downsize."""
@@ -440,7 +450,8 @@ def probes_every_model(space: SearchSpace) -> bool:
 @dataclass(frozen=True)
 class _Ranking:
     """What the assembly builds from: per stage, the models with a probe score (measured or imputed), best first
-    (ties: the cheaper), and their scores and probe costs. Computed once per propose, used for every floor."""
+    (ties: the cheaper; on a multi-stage task, every model of a stage whose probes differ by less than the noise:
+    the costlier first, see ``TIE_Z``), and their scores and probe costs. Computed once per propose, used for every floor."""
 
     ranked: tuple[tuple[str, ...], ...]
     probe: Mapping[tuple[str, str], float]
@@ -450,6 +461,7 @@ class _Ranking:
 def _assembly_ranking(space: SearchSpace, context: StudyContext) -> _Ranking | None:
     """The probes' ranking of each stage's models; ``None`` while a stage has no probe."""
     probe = _probe_scores(context, space)
+    measured_keys = set(probe)
     probe_cost = _probe_costs(context)
     anchor = tuple(_cheapest_fitting(space, s, context) for s in space.stages)
     for index, stage in enumerate(space.stages):
@@ -457,13 +469,30 @@ def _assembly_ranking(space: SearchSpace, context: StudyContext) -> _Ranking | N
         for model in space.stage_models[stage]:
             if (stage, model) in probe and (stage, model) not in probe_cost:  # imputed: costed as its probe would be
                 probe_cost[(stage, model)] = _spent_smallest(space, anchor, index, model, context)
+    # On a multi-stage task, a stage whose probes all lie within the noise of each other is unresolved: see ``TIE_Z``.
+    band = TIE_Z * _probe_noise(context) if len(space.stages) > 1 else 0.0
     ranked: list[list[str]] = []
     for stage in space.stages:
         known = [m for m in space.stage_models[stage] if (stage, m) in probe]
         if not known:
             return None
-        ranked.append(sorted(known, key=lambda m, s=stage: (-probe[(s, m)], probe_cost.get((s, m), 0.0))))
+        measured = [probe[(stage, m)] for m in known if (stage, m) in measured_keys]
+        if len(measured) > 1 and max(measured) - min(measured) < band:  # unresolved: the costlier first
+            ranked.append(sorted(known, key=lambda m, s=stage: -probe_cost.get((s, m), 0.0)))
+        else:
+            ranked.append(sorted(known, key=lambda m, s=stage: (-probe[(s, m)], probe_cost.get((s, m), 0.0))))
     return _Ranking(tuple(tuple(r) for r in ranked), probe, probe_cost)
+
+
+def _probe_noise(context: StudyContext) -> float:
+    """The standard error of the difference between two probes' scores: from the median standard error of the
+    probes' own scores (their spread over repeats or sample orderings); 0 where evaluations report no spread."""
+    errors = sorted(
+        t.spread / math.sqrt(len(t.scores) - 1)
+        for t in context.trials
+        if _probed(t) and t.state is TrialState.COMPLETE and t.spread is not None and len(t.scores) > 1
+    )
+    return math.sqrt(2.0) * errors[len(errors) // 2] if errors else 0.0
 
 
 def _assemble(space: SearchSpace, context: StudyContext, min_samples: int = 1, ranking: _Ranking | None = None) -> Plan | None:
