@@ -25,7 +25,7 @@ plan, then a summary per strategy.
 ``--json`` writes the bench report, which ``benchmarks/compare.py`` pairs with another run's to say whether a
 change helped beyond the luck of move order.
 
-About 4 minutes on 2 cores with the defaults (six strategies, without a planner LLM: the agents run on
+About 11 minutes on 2 cores with the defaults (six strategies, without a planner LLM: the agents run on
 their fallbacks).
 """
 
