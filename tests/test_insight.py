@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace as with_fields
+
 import pytest
 
 from executors.replay import ReplayEnvironment
@@ -442,8 +444,6 @@ def test_a_downsize_keeps_its_parents_spend_bonus_and_its_reinvested_twin_earns_
 def _stage1_probes(gap: float, spread: float, repeats: int):  # type: ignore[no-untyped-def]
     """The simulated 3-stage task's anchor probe (1B everywhere) and a probe of 70B on stage 1 that scored ``gap``
     below it, each with ``repeats`` scores whose spread is ``spread``; stages 2 and 3 probed far apart."""
-    from dataclasses import replace as with_fields
-
     sim = SimulatedEnvironment(stages=3, seed=0)
     sim_space = SearchSpace.from_info(sim.info)
 
@@ -501,8 +501,6 @@ def test_on_a_multi_stage_task_the_assembly_ranks_the_costlier_of_two_models_tie
 def test_on_a_single_stage_task_a_tie_within_the_noise_keeps_the_better_probed_model_first(env, space) -> None:
     """4B and 8B probed half a point apart, within the noise (5 points of spread over two orderings): on a single
     stage each probe measures its model directly, so the better-probed, cheaper 4B stays first."""
-    from dataclasses import replace as with_fields
-
     from planner.strategies._insight import _assembly_ranking, _probe_noise
 
     budget = Budget(limit=1e18, unit="flops")

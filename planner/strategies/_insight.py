@@ -488,9 +488,7 @@ def _probe_noise(context: StudyContext) -> float:
     """The standard error of the difference between two probes' scores: from the median standard error of the
     probes' own scores (their spread over repeats or sample orderings); 0 where evaluations report no spread."""
     errors = sorted(
-        t.spread / math.sqrt(len(t.scores) - 1)
-        for t in context.trials
-        if _probed(t) and t.state is TrialState.COMPLETE and t.spread is not None and len(t.scores) > 1
+        t.spread / math.sqrt(len(t.scores) - 1) for t in _scored_probes(context) if t.spread is not None and len(t.scores) > 1
     )
     return math.sqrt(2.0) * errors[len(errors) // 2] if errors else 0.0
 
@@ -706,11 +704,17 @@ def _probed(trial: FrozenTrial) -> list[tuple[str, str]]:
 def _probe_scores(context: StudyContext, space: SearchSpace) -> dict[tuple[str, str], float]:
     """(stage, model) -> score of the probe of that model on that stage, all else held at the anchor."""
     scores: dict[tuple[str, str], float] = {}
-    for trial in context.trials:
-        if trial.state is TrialState.COMPLETE and trial.score is not None:
-            for key in _probed(trial):
-                scores[key] = trial.score
+    for trial in _scored_probes(context):
+        for key in _probed(trial):
+            scores[key] = trial.score  # type: ignore[assignment]
     return scores
+
+
+def _scored_probes(context: StudyContext) -> Iterator[FrozenTrial]:
+    """The completed trials that probed a (stage, model) pair: what probe scores and their noise come from."""
+    for trial in context.trials:
+        if trial.state is TrialState.COMPLETE and trial.score is not None and _probed(trial):
+            yield trial
 
 
 def _cheapest_fitting(space: SearchSpace, stage: str, context: StudyContext) -> StageChoice:
