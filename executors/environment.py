@@ -96,6 +96,12 @@ class Environment(abc.ABC):
             total = total + self.estimate_cost(plan)
         return total, total
 
+    def with_evaluation_seed(self, seed: int) -> Environment:
+        """This task with its evaluation luck drawn from ``seed``: what a benchmark varies per study seed so
+        that its seeds sample the noise of evaluations, not only the strategy's own randomness. Environments
+        whose luck is fixed (a replay's recorded samples and orderings, live models) return themselves."""
+        return self
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 

@@ -30,7 +30,8 @@ in billions, ``x = log2(n)`` for ``n`` samples, ``sigma`` the logistic function)
   should buy depends on how much was spent upstream (insight 3): a weak upstream favours a large rescuer,
   a strong one favours cheap samples.
 - the score is the last stage's effective accuracy. ``evaluate`` adds ``N(0, noise)`` per repeat (clipped
-  to [0, 1]), seeded from ``(seed, plan_id)`` so a plan always gets the same evaluation.
+  to [0, 1]), seeded from ``(seed, plan_id)`` (and ``noise_seed`` where given) so a plan always gets the
+  same evaluation.
 
 Costs are real FLOPs (``graphs.cost.call_flops``) with per-stage prompt (200..1200) and output (100..600)
 token counts. Temperatures are ignored. ``optimum(budget)`` returns the exact best allocation;
@@ -175,9 +176,12 @@ class SimulatedEnvironment(Environment):
         max_samples: int = 64,
         name: str | None = None,
         graphs: bool = False,
+        noise_seed: int | None = None,
     ) -> None:
         """``graphs=True`` also runs reviewer, reviser and aggregator nodes, edges and fusion (see the
-        module docstring); by default stages are AgentTTS allocations (independent solvers, majority vote)."""
+        module docstring); by default stages are AgentTTS allocations (independent solvers, majority vote).
+        ``noise_seed`` draws the evaluation noise from another stream: the same task (curves, costs, optimum)
+        with other evaluation luck; ``None`` draws it from ``seed``."""
         models = dict(DEFAULT_MODELS if models is None else models)
         if stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
@@ -202,6 +206,7 @@ class SimulatedEnvironment(Environment):
         self.coupling = float(coupling)
         self.max_samples = int(max_samples)
         self.graphs = bool(graphs)
+        self.noise_seed = None if noise_seed is None else int(noise_seed)
         suffix = "-graphs" if self.graphs else ""
         self.name = name or f"simulated-{self.stages}x{len(models)}-seed{self.seed}{suffix}"
         self.stage_names = tuple(f"stage{i + 1}" for i in range(self.stages))
@@ -296,6 +301,7 @@ class SimulatedEnvironment(Environment):
             "max_samples": self.max_samples,
             "name": self.name,
             "graphs": self.graphs,
+            "noise_seed": self.noise_seed,
         }
 
     @classmethod
@@ -403,7 +409,8 @@ class SimulatedEnvironment(Environment):
         self.check(plan)
         mean = self._plan_score(plan)
         cost = self._plan_cost(plan)
-        rng = np.random.default_rng([self.seed, int(plan.plan_id[:16], 16)])
+        stream = [self.seed, int(plan.plan_id[:16], 16)]
+        rng = np.random.default_rng(stream if self.noise_seed is None else [*stream, self.noise_seed])
         draws = np.clip(mean + self.noise * rng.standard_normal(self.repeats), 0.0, 1.0)
         scores = tuple(float(v) for v in draws)
         return Evaluation(
@@ -414,6 +421,10 @@ class SimulatedEnvironment(Environment):
             n_examples=N_EXAMPLES,
             llm_calls=0,
         )
+
+    def with_evaluation_seed(self, seed: int) -> SimulatedEnvironment:
+        """The same task with its evaluation noise drawn from ``seed`` (``noise_seed``)."""
+        return type(self).from_spec({**self.spec(), "noise_seed": seed})
 
     # -- the known answer ---------------------------------------------------------------------------
 

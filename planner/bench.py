@@ -136,6 +136,8 @@ class BenchConfig:
             "api_base": self.api_base,
             "replay_orderings": self.orderings,
             "environment_seed": 0,
+            "evaluation_luck": "drawn per study seed where the environment has noise of its own (simulated tasks); "
+            "every strategy's study of a seed meets the same",
             "score": "true score where the environment has one (simulated, noiseless), else the evaluated score",
             "within_points": {f"trials_to_{key}": round(gap * 100, 6) for key, gap in WITHIN},
         }
@@ -172,7 +174,7 @@ def bench_environments(config: BenchConfig) -> list[Environment]:
 class _Memo(Environment):
     """Delegates to an environment, remembering costs and evaluations by plan id.
 
-    Every study of a benchmark shares one, so a strategy that lists the feasible plans (grid, random) or
+    Every study of a benchmark and evaluation seed shares one, so a strategy that lists the feasible plans (grid, random) or
     re-evaluates a plan another study tried pays nothing; deterministic environments make this exact.
     """
 
@@ -574,10 +576,21 @@ def _job(key: tuple[int, int, str, int]) -> tuple[tuple[int, int, str, int], dic
     case = cases[case_index]
     assert case.optimum is not None
     params = strategy_params(strategy, config.planner_model, config.api_base)
-    result = _run_study(
-        envs[case.env_index], spaces[case.env_index], case.budget, case.optimum, strategy, seed, config.trials, params
-    )
+    env = _seeded(envs, case.env_index, seed)
+    result = _run_study(env, spaces[case.env_index], case.budget, case.optimum, strategy, seed, config.trials, params)
     return key, result
+
+
+def _seeded(envs: Sequence[_Memo], index: int, seed: int) -> _Memo:
+    """Benchmark ``index`` with its evaluation luck drawn from study seed ``seed``
+    (``Environment.with_evaluation_seed``): every strategy's study of that seed meets the same luck, so
+    strategies compare paired, and another seed meets other luck. One memo per (benchmark, seed) and process."""
+    memos: dict[tuple[int, int], _Memo] = _SHARED.setdefault("seeded", {})
+    memo = memos.get((index, seed))
+    if memo is None:
+        inner = envs[index].inner.with_evaluation_seed(seed)
+        memo = memos[(index, seed)] = envs[index] if inner is envs[index].inner else _Memo(inner)
+    return memo
 
 
 def _workers(requested: int, jobs: int) -> int:

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from executors.environment import Evaluation
 from executors.replay import ReplayEnvironment
 from executors.simulated import SimulatedEnvironment
 from graphs.cost import Budget, Cost
+from graphs.plan import Plan
 from planner.bench import (
     BenchConfig,
     BenchResult,
@@ -343,6 +345,27 @@ def test_another_seed_set_runs_those_seeds_and_gets_the_same_studies_for_them() 
         assert row["strategies"][name]["per_seed"] == whole["results"][0]["strategies"][name]["per_seed"][3:]
     with pytest.raises(ValueError, match="first seed must be >= 0"):
         BenchConfig(first_seed=-1)
+
+
+class _LuckRecorder(SimulatedEnvironment):
+    """A simulated task that records the noise seed of every environment a study evaluates on."""
+
+    evaluated: set[int | None] = set()
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        _LuckRecorder.evaluated.add(self.noise_seed)
+        return super().evaluate(plan)
+
+
+def test_each_study_seed_meets_its_own_evaluation_luck_and_every_strategy_the_same(tiny_dir: Path) -> None:
+    _LuckRecorder.evaluated.clear()
+    config = BenchConfig(budgets=(0.1,), trials=5, seeds=2, first_seed=3, strategies=("insight", "random"), workers=1)
+    result = run_bench(config, environments=[_LuckRecorder(stages=2, seed=4)]).to_json()
+    assert _LuckRecorder.evaluated == {3, 4}  # never the unseeded task: every study ran on its seed's luck
+    assert "per study seed" in result["meta"]["evaluation_luck"]
+    # a replay's luck is its recording: the studies share the benchmark's environment
+    replay = ReplayEnvironment(tiny_dir, "alpha", orderings=2, seed=0)
+    assert replay.with_evaluation_seed(7) is replay
 
 
 def test_config_errors() -> None:

@@ -94,6 +94,25 @@ def test_spec_round_trip() -> None:
     assert SimulatedEnvironment(seed=8) != SimulatedEnvironment(seed=7)
 
 
+def test_another_evaluation_seed_is_the_same_task_with_other_evaluation_luck() -> None:
+    env = SimulatedEnvironment(stages=3, seed=5)
+    other = env.with_evaluation_seed(1)
+    assert other.noise_seed == 1 and env.noise_seed is None and other != env
+    plans = [Plan.allocation({s: (model, n) for s in env.info.stages}) for model in ("sim-1B", "sim-8B") for n in (1, 4)]
+    budget = Budget(limit=env.estimate_cost(plans[-1]).flops, unit="flops")
+    assert other.optimum(budget) == env.optimum(budget)
+    for plan in plans:
+        assert other.true_score(plan) == env.true_score(plan)
+        assert other.estimate_cost(plan) == env.estimate_cost(plan)
+        assert other.evaluate(plan).scores != env.evaluate(plan).scores  # other draws
+        assert other.evaluate(plan) == other.evaluate(plan)  # still one evaluation per plan
+    rebuilt = SimulatedEnvironment.from_spec(json.loads(json.dumps(other.spec())))
+    assert rebuilt == other and rebuilt.evaluate(plans[0]) == other.evaluate(plans[0])
+    # a spec stored before noise seeds existed rebuilds the environment it described, draws included
+    old = {k: v for k, v in env.spec().items() if k != "noise_seed"}
+    assert SimulatedEnvironment.from_spec(old).evaluate(plans[0]) == env.evaluate(plans[0])
+
+
 def test_custom_models_round_trip() -> None:
     models = {
         "tiny": ModelSpec(name="tiny", params_b=0.5),
