@@ -453,7 +453,9 @@ def bench(
         ),
     ] = None,
     trials: Annotated[int, typer.Option(min=1, help="Evaluated trials per study.")] = 20,
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds per strategy and budget (F..F+S-1).")] = 3,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Seeds per strategy and budget (F..F+S-1); each draws its own simulated evaluation noise.")
+    ] = 3,
     first_seed: Annotated[int, typer.Option(min=0, help="First seed F: another seed set checks a change on other luck.")] = 0,
     strategy: Annotated[
         list[str] | None, typer.Option("--strategy", help="Strategy to run (repeatable; default: every one registered).")

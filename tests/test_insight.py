@@ -513,3 +513,33 @@ def test_on_a_single_stage_task_a_tie_within_the_noise_keeps_the_better_probed_m
     assert _probe_noise(context(env, space, budget, probes)) > 0.05
     ranking = _assembly_ranking(space, context(env, space, budget, probes))
     assert ranking is not None and ranking.ranked[0] == ("Qwen3-4B", "Qwen3-8B", "Qwen3-1.7B", "Qwen3-0.6B")
+
+
+@pytest.mark.parametrize(("stages", "floors"), [(1, (1, 4)), (3, (4, 16))])
+def test_after_the_probes_one_plan_is_assembled_per_floor_the_cheaper_models_at_many_samples_on_a_multi_stage_task(
+    stages: int, floors: tuple[int, int]
+) -> None:
+    """A single-stage task assembles its best-probed model at 1+ and 4+ samples; a multi-stage one at 4+ (the best
+    models at a few samples) and 16+ (the cheaper ones at many, which one-sample probes cannot show)."""
+    from planner.strategies._insight import assembly_floors
+
+    env = SimulatedEnvironment(stages, seed=3)
+    sim_space = SearchSpace.from_info(env.info)
+    assert assembly_floors(sim_space) == floors
+    budget = Budget(limit=0.2 * most_expensive_single_model_cost(env, sim_space, Budget(limit=1.0, unit=UNIT)), unit=UNIT)
+    storage = InMemoryStorage()
+    study = create_study(storage=storage, environment=env, budget=budget, strategy=InsightStrategy(0), seed=0, name="t")
+    strategy = study.strategy
+    probes = sum(1 for _ in strategy._probes(study.context()))
+    study.optimize(probes)
+    assembled = [p for p in strategy.propose(study.context(), 5) if p.info["phase"] == "assemble"]
+    assert assembled and f"{floors[0]}+ samples" in assembled[0].rationale
+    # on this single-stage task 1+ and 4+ assemble the same plan, which is proposed once
+    assert len(assembled) == min(stages, 2) and len({p.plan.plan_id for p in assembled}) == len(assembled)
+    for proposal, floor in zip(assembled, floors, strict=False):
+        counts = [n for choice in sim_space.choices_of(proposal.plan) for _, n in choice.samples]
+        assert min(counts) >= floor and f"{floor}+ samples" in proposal.rationale
+        assert budget.allows(env.estimate_cost(proposal.plan))
+    if stages > 1:  # the second: cheaper models at many samples on some stage
+        second = sim_space.choices_of(assembled[1].plan)
+        assert any(n >= 16 and model != "sim-70B" for choice in second for model, n in choice.samples)

