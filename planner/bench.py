@@ -174,8 +174,8 @@ def bench_environments(config: BenchConfig) -> list[Environment]:
 class _Memo(Environment):
     """Delegates to an environment, remembering costs and evaluations by plan id.
 
-    Every study of a benchmark and evaluation seed shares one, so a strategy that lists the feasible plans (grid, random) or
-    re-evaluates a plan another study tried pays nothing; deterministic environments make this exact.
+    Every study of a benchmark and evaluation seed shares one, so a strategy that lists the feasible plans (grid,
+    random) or re-evaluates a plan another study tried pays nothing; deterministic environments make this exact.
     """
 
     def __init__(self, inner: Environment) -> None:

@@ -458,8 +458,9 @@ def assembly_floors(space: SearchSpace) -> tuple[int, ...]:
     directly, so the best-probed model at a few samples and at more (1+, 4+) bracket the optimum. On a multi-stage
     task a one-sample probe is damped by the other stages and hides what a model gains from samples: there the best
     models at a few samples (4+) and the cheaper ones at many (16+: insight 1 at equal cost, insight 2) bracket it.
-    On 150 simulated settings (2-4 stages, 2-50% budgets, ten study seeds) that took the regret after 20 trials from
-    2.09 to 1.76 points ([-0.72, -0.02]); the 1+ assembly it replaced had been within 0.5 point on none of 99."""
+    On 150 simulated settings (2-4 stages, 2-50% budgets, 20 study seeds) that took the regret after 20 trials from
+    2.06 to 1.82 points, lower on each of four seed sets; the 1+ assembly it replaced had been within 0.5 point of
+    the optimum on none of 99 (docs/insight-heuristic-history.md, stop 20)."""
     return SINGLE_STAGE_FLOORS if len(space.stages) == 1 else MULTI_STAGE_FLOORS
 
 
