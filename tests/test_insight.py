@@ -14,6 +14,7 @@ from planner.space import SearchSpace, StageChoice
 from planner.storage import InMemoryStorage
 from planner.strategies._base import StudyContext
 from planner.strategies._insight import (
+    LOSS_CAP,
     PRIOR_GAIN,
     RESAMPLE_AFTER,
     InsightStrategy,
@@ -144,13 +145,29 @@ def test_gains_pool_evidence_per_kind_and_per_detail_shrunk_toward_the_prior(spa
         trial(3, plan, 0.81, {"phase": "search", "move": "stop", "parent": 0}),  # stored before keys existed
     ]
     gains = _observed_gains([parent, *children], space)
-    assert gains["cap"] == pytest.approx((PRIOR_GAIN["cap"] - 0.70 + 0.0) / 3)
-    assert gains["cap:tighter"] == pytest.approx((gains["cap"] - 0.70) / 2)
+    assert gains["cap"] == pytest.approx((PRIOR_GAIN["cap"] - LOSS_CAP + 0.0) / 3)  # the 70-point loss counts as LOSS_CAP
+    assert gains["cap:tighter"] == pytest.approx((gains["cap"] - LOSS_CAP) / 2)
     assert gains["cap:looser"] > gains["cap:tighter"]
     assert gains["stop"] == pytest.approx((PRIOR_GAIN["stop"] + 0.01) / 2)
     unseen = _Move("grow", (), "", "Qwen3-4B")
     assert _predicted_gain(gains, unseen) == PRIOR_GAIN["grow"]
     assert _predicted_gain(gains, _Move("cap", (), "", "tighter")) == gains["cap:tighter"]
+
+
+def test_a_move_that_lost_counts_its_loss_up_to_the_cap_so_one_disaster_does_not_end_its_kind(space) -> None:
+    """A best-so-far search pays one trial for a failed move whatever it scored: a 30-point loss weighs no more
+    than a one-point one, and two gains then outweigh it."""
+    plan = space.plan([StageChoice((("Qwen3-8B", 1),), None)])
+    parent = trial(0, plan, 0.80, {"phase": "assemble"})
+
+    def child(number: int, score: float) -> FrozenTrial:
+        return trial(number, plan, score, {"phase": "search", "move": "swap", "key": "swap:Qwen3-4B", "parent": 0})
+
+    small = _observed_gains([parent, child(1, 0.80 - 0.004)], space)
+    assert small["swap"] == pytest.approx((PRIOR_GAIN["swap"] - 0.004) / 2)  # within the cap: counted in full
+    disaster = _observed_gains([parent, child(1, 0.50), child(2, 0.81), child(3, 0.81)], space)
+    assert disaster["swap"] == pytest.approx((PRIOR_GAIN["swap"] - LOSS_CAP + 0.02) / 4)
+    assert disaster["swap"] > 0 and disaster["swap:Qwen3-4B"] > 0
 
 
 def test_search_trials_store_the_move_key_the_next_proposal_depends_on(env, space) -> None:
