@@ -357,7 +357,7 @@ class _LuckRecorder(SimulatedEnvironment):
         return super().evaluate(plan)
 
 
-def test_each_study_seed_meets_its_own_evaluation_luck_and_every_strategy_the_same(tiny_dir: Path) -> None:
+def test_each_study_seed_evaluates_on_its_own_evaluation_luck(tiny_dir: Path) -> None:
     _LuckRecorder.evaluated.clear()
     config = BenchConfig(budgets=(0.1,), trials=5, seeds=2, first_seed=3, strategies=("insight", "random"), workers=1)
     result = run_bench(config, environments=[_LuckRecorder(stages=2, seed=4)]).to_json()
