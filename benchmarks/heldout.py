@@ -168,6 +168,12 @@ def summarise(result: BenchResult, strategies: Sequence[str]) -> list[str]:
                 f"{name}: less regret than TPE and random on {ahead}/{len(simulated)} simulated settings (worst {worst:.1f} pt)"
             )
         lines.append("")
+    floors = [row["search_cost_floor"] for row in result.results if row.get("search_cost_floor") is not None]
+    if floors:
+        lines.append(
+            f"search cost floor (the optimum and its next larger sample counts that fit, with reuse): <= 1.5x on "
+            f"{sum(f <= 1.5 for f in floors)}/{len(floors)} settings (median {statistics.median(floors):.2f}x)"
+        )
     for name, t in totals.items():
         n = len(t["trials"])
         lines.append(

@@ -12,6 +12,11 @@ For each benchmark (every benchmark of a replay directory, plus simulated N-stag
    points against the optimum, trials until within 1 and 0.5 points, what the search generated with and
    without sample reuse (absolute over the dev set, and as a multiple of one evaluation of the optimal
    plan), and what the planner LLM cost.
+   Beside the optimum, its search-cost floor (``search_cost_floor``): what evaluating the optimal plan and each
+   of its neighbours with one node at the next larger sample count that fits generates, with reuse, as a multiple
+   of one run of the optimal plan. A search that shows by evaluation that more samples do not help there
+   generates at least that, so where the floor is above 1.5 the search-cost target is out of reach of any search
+   that checks its answer.
 3. aggregates over seeds: mean and standard deviation of best score and regret, median trials to within
    1 / 0.5 points (a seed that never got there counts as infinitely slow), mean cost ratios, planner cost.
 
@@ -42,7 +47,7 @@ from typing import Any
 
 from executors.environment import Environment, EnvironmentInfo, Evaluation
 from graphs.cost import Budget, BudgetUnit, Cost
-from graphs.errors import BudgetError, DataError
+from graphs.errors import AllotError, BudgetError, DataError
 from graphs.plan import Plan
 from planner.report import most_expensive_single_model_cost
 from planner.space import SearchSpace
@@ -60,6 +65,7 @@ __all__ = [
     "bench_environments",
     "find_optimum",
     "run_bench",
+    "search_cost_floor",
     "write_plot",
 ]
 
@@ -313,6 +319,38 @@ class _Enumeration:
         return Optimum(self.plans[best[2]], best[0], best[1], "enumeration", feasible)
 
 
+def search_cost_floor(env: Environment, space: SearchSpace, budget: Budget, optimum: Optimum) -> float | None:
+    """What evaluating the optimal plan and its next-larger-count neighbours that fit ``budget`` generates, with
+    sample reuse, as a multiple of one run of the optimal plan (``None`` for a free plan).
+
+    Past a model's peak more samples do worse, and short of it better: a search knows it has the optimum only
+    once it has seen each node one count further do no better, unless the budget forbids that count. So any
+    search that checks its answer by evaluation generates at least this (one that stops short of checking can
+    generate less, and come within half a point by luck or by a model of the curves). With reuse a larger count
+    on the last stage costs only its extra samples; on an earlier stage it changes every later stage's prompts."""
+    if optimum.spent <= 0:
+        return None
+    choices = space.choices_of(optimum.plan)
+    plans = [optimum.plan]
+    for index, choice in enumerate(choices):
+        counts = dict(choice.samples)
+        for model, n in counts.items():
+            larger = [v for v in space.n_choices[model] if v > n]
+            if not larger:
+                continue
+            grown = list(choices)
+            grown[index] = dataclasses.replace(choice, samples=tuple({**counts, model: min(larger)}.items()))
+            try:
+                plan = space.plan(grown)
+                fits = budget.allows(env.estimate_cost(plan))
+            except AllotError:  # the larger count is not a plan of this space (a context window, an early-stop rule)
+                continue
+            if fits:
+                plans.append(plan)
+    with_reuse, _ = env.search_cost(plans)
+    return budget.spent(with_reuse) / optimum.spent
+
+
 def _environment_optimum(env: _Memo, space: SearchSpace, budget: Budget) -> Optimum:
     """The environment's own exact optimum, after checking it searches exactly ``space``."""
     inner = env.inner
@@ -509,6 +547,8 @@ class TableRow:
     search_ratio_without_reuse: float | None
     planner_tokens: float | None
     optimum: float | None
+    search_cost_floor: float | None = None
+    """The least a search that checks its answer generates (``search_cost_floor``), x one run of the optimal plan."""
     errors: tuple[str, ...] = ()
 
 
@@ -549,6 +589,7 @@ class BenchResult:
                         search_ratio_without_reuse=agg["search_cost_ratio_mean"]["without_reuse"],
                         planner_tokens=agg["planner_cost_mean"]["tokens"],
                         optimum=None if optimum is None else optimum["score"],
+                        search_cost_floor=entry.get("search_cost_floor"),
                         errors=tuple(agg["errors"]),
                     )
                 )
@@ -671,6 +712,9 @@ def run_bench(
                 "budget_fraction": case.fraction,
                 "budget": {"limit": case.budget.limit, "unit": case.budget.unit.value},
                 "optimum": None if case.optimum is None else case.optimum.as_dict(),
+                "search_cost_floor": (
+                    None if case.optimum is None else search_cost_floor(env, spaces[case.env_index], case.budget, case.optimum)
+                ),
                 "error": case.error,
                 "strategies": strategies,
             }

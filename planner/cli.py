@@ -525,12 +525,14 @@ def _print_bench(result: object) -> None:
     meta = result.meta
     table = Table(
         title=f"allot bench: {meta['trials']} trials x {len(meta['seeds'])} seeds per strategy "
-        "(regret in accuracy points vs the exact optimum; search cost as multiples of one run of the optimal plan)"
+        "(regret in accuracy points vs the exact optimum; search cost as multiples of one run of the optimal plan; "
+        "floor: the least a search that checks its answer generates)"
     )
     columns = (
         "benchmark",
         "budget",
         "optimum",
+        "floor x opt",
         "strategy",
         "best (mean±sd)",
         "regret (pts)",
@@ -565,6 +567,7 @@ def _print_bench(result: object) -> None:
             row.benchmark if first else "",
             f"{row.budget_fraction:g}" if first else "",
             ("-" if row.optimum is None else f"{row.optimum:.3f}") if first else "",
+            ratio(row.search_cost_floor) if first else "",
             row.strategy + (" [red](errors)[/]" if row.errors else ""),
             pm(row.best_mean, row.best_std, 3),
             pm(row.regret_mean, row.regret_std, 1),

@@ -24,10 +24,12 @@ from graphs.plan import Plan
 from planner.bench import (
     BenchConfig,
     BenchResult,
+    Optimum,
     _ListedSpace,
     _Memo,
     find_optimum,
     run_bench,
+    search_cost_floor,
     write_plot,
 )
 from planner.cli import app
@@ -154,6 +156,7 @@ def test_tiny_json_has_every_benchmark_budget_and_strategy(tiny: BenchResult) ->
     for entry in doc["results"]:
         assert entry["budget"]["unit"] == "flops" and entry["budget"]["limit"] > 0
         assert set(entry["optimum"]) >= {"score", "plan", "plan_id"}
+        assert entry["search_cost_floor"] >= 1.0 - 1e-9
         assert entry["error"] is None
     assert tiny.errors == []
 
@@ -228,6 +231,27 @@ def test_bundled_aime24(bundled: BenchResult) -> None:
 
 
 # -- simulated tasks ------------------------------------------------------------------------------------
+
+
+def test_search_cost_floor_pays_each_larger_count_that_fits_with_reuse() -> None:
+    env = SimulatedEnvironment(stages=2, seed=0)
+    space = SearchSpace.from_info(env.info)
+    plan = space.plan(space.choices_of(Plan.allocation({"stage1": ("sim-3B", 4), "stage2": ("sim-8B", 2)})))
+    budget_of = Budget(limit=1.0, unit="flops")
+    spent = budget_of.spent(env.estimate_cost(plan))
+    optimum = Optimum(plan, env.true_score(plan), spent, "enumeration", None)
+    # Room for both larger counts: stage1 at 8 changes stage2's prompts, so stage2's 2 samples are paid again
+    # under the new upstream; stage2 at 4 under the old one pays only 2 samples more than the plan's own.
+    generous = Budget(limit=10 * spent, unit="flops")
+    expected = (
+        env.stage_cost("stage1", "sim-3B", 8).flops
+        + env.stage_cost("stage2", "sim-8B", 2).flops
+        + env.stage_cost("stage2", "sim-8B", 4).flops
+    )
+    assert search_cost_floor(env, space, generous, optimum) == pytest.approx(expected / env.estimate_cost(plan).flops)
+    # A budget the plan spends in full leaves no larger count: the plan alone is the floor.
+    tight = Budget(limit=spent, unit="flops")
+    assert search_cost_floor(env, space, tight, optimum) == pytest.approx(1.0)
 
 
 def test_simulated_enumeration_matches_the_environment_optimum() -> None:
@@ -416,10 +440,12 @@ def test_cli_bench_end_to_end(tiny_dir: Path, tmp_path: Path) -> None:
     args += ["--strategy", "random", "--strategy", "grid", "--json", str(out), "--plot", str(plot), "--workers", "1"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "220"})
     assert result.exit_code == 0, result.output
-    for needle in ("alpha", "beta", "random", "grid", "regret"):
+    for needle in ("alpha", "beta", "random", "grid", "regret", "floor x opt"):
         assert needle in result.output
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 4
+    for entry in doc["results"]:  # the table's floor column is the JSON's
+        assert f"{entry['search_cost_floor']:.1f}" in result.output
     assert all(set(e["strategies"]) == {"random", "grid"} for e in doc["results"])
     assert doc["meta"]["budget_fractions"] == [0.1, 0.3]
     assert plot.exists() and "<html" in plot.read_text().lower()
