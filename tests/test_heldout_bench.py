@@ -63,6 +63,9 @@ def test_bench_runs_on_the_variants_and_summarises(tmp_path: Path) -> None:
     )
     (line,) = [line for line in lines if "less regret than TPE and random" in line]
     assert line.startswith(f"insight: less regret than TPE and random on {ahead}/2 simulated settings")
+    floors = [r["search_cost_floor"] for r in result.results]
+    (line,) = [line for line in lines if line.startswith("search cost floor")]
+    assert f"<= 1.5x on {sum(f <= 1.5 for f in floors)}/{len(floors)} settings" in line
     for row in result.results:
         assert row["optimum"] is not None
         assert row["strategies"]["insight"]["regret_mean"] >= -1e-9  # nothing beats the exhaustive optimum
