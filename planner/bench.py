@@ -343,7 +343,7 @@ def search_cost_floor(env: Environment, space: SearchSpace, budget: Budget, opti
             try:
                 plan = space.plan(grown)
                 fits = budget.allows(env.estimate_cost(plan))
-            except AllotError:  # the larger count is not a plan of this space (a context window, an early-stop rule)
+            except AllotError:  # the larger count does not run here (it overflows a model's context window)
                 continue
             if fits:
                 plans.append(plan)
