@@ -25,6 +25,7 @@ from planner.strategies._insight import (
     _predicted_gain,
     _resample_held_back,
     _spend_share,
+    in_context_probes,
 )
 from planner.study import create_study
 from planner.trial import FrozenTrial, TrialState
@@ -183,10 +184,20 @@ def test_search_trials_store_the_move_key_the_next_proposal_depends_on(env, spac
     assert [p.plan.plan_id for p in first] == [p.plan.plan_id for p in again]
 
 
-def test_a_multi_stage_task_probes_each_stages_cheapest_and_costliest_model_only() -> None:
+def _one_big_model_budget(sim: SimulatedEnvironment, sim_space: SearchSpace) -> Budget:
+    """Room for one stage's costliest model at one sample, the others at their cheapest: too little for every
+    stage's costliest at two samples, so the probes are the one-sample kind."""
+    costs = []
+    for stage in range(len(sim_space.stages)):
+        choices = [StageChoice((("sim-70B" if i == stage else "sim-1B", 1),)) for i in range(len(sim_space.stages))]
+        costs.append(sim.estimate_cost(sim_space.plan(choices)).flops)
+    return Budget(limit=1.01 * max(costs), unit="flops")
+
+
+def test_a_multi_stage_task_on_a_tight_budget_probes_each_stages_cheapest_and_costliest_model_once() -> None:
     sim = SimulatedEnvironment(stages=3, seed=0)
     sim_space = SearchSpace.from_info(sim.info)
-    budget = Budget(limit=sim.estimate_cost(sim_space.plan([StageChoice((("sim-70B", 8),))] * 3)).flops, unit="flops")
+    budget = _one_big_model_budget(sim, sim_space)
     study = create_study(
         storage=InMemoryStorage(), environment=sim, budget=budget, strategy=InsightStrategy(0), seed=0, space=sim_space
     )
@@ -203,6 +214,64 @@ def test_a_multi_stage_task_probes_each_stages_cheapest_and_costliest_model_only
     assert covered == {stage: {"sim-1B", "sim-70B"} for stage in sim_space.stages}
     # the middle models are not left out of the search: some plan after the probes uses one
     assert any(m in ("sim-3B", "sim-8B") for t in study.trials[4:] for g in t.plan.stages for m in (n.model for n in g.nodes))
+
+
+def test_a_multi_stage_task_with_room_compares_each_stages_models_in_context_at_the_same_spend() -> None:
+    """Every stage's costliest model first, then per stage a smaller model at the same spend: the middle one by log
+    size, then smaller only while the smaller did at least as well as the plan it came down from."""
+    sim = SimulatedEnvironment(stages=3, seed=0)
+    sim_space = SearchSpace.from_info(sim.info)
+    budget = Budget(limit=sim.estimate_cost(sim_space.plan([StageChoice((("sim-70B", 8),))] * 3)).flops, unit="flops")
+    study = create_study(
+        storage=InMemoryStorage(), environment=sim, budget=budget, strategy=InsightStrategy(0), seed=0, space=sim_space
+    )
+    study.optimize(20)
+    trials = study.trials
+    probes = [t for t in trials if t.strategy_info.get("phase") == "probe"]
+    assert [t.number for t in probes] == list(range(len(probes))), "the probes come first, then the search"
+    assert all(t.strategy_info.get("in_context") for t in probes)
+    base = probes[0]
+    base_choices = sim_space.choices_of(base.plan)
+    assert [c.samples[0][0] for c in base_choices] == ["sim-70B"] * 3
+    assert all(c.samples[0][1] >= 2 for c in base_choices), "every stage's costliest model at two samples or more"
+    assert {tuple(c) for c in base.strategy_info["probe"]} == {(s, "sim-70B") for s in sim_space.stages}
+    spend = budget.spent(base.estimated_cost)
+    by_stage: dict[str, list] = {}
+    for t in probes[1:]:
+        ((stage, model),) = t.strategy_info["probe"]
+        changed = [i for i, (a, b) in enumerate(zip(base_choices, sim_space.choices_of(t.plan), strict=True)) if a != b]
+        assert changed == [sim_space.stages.index(stage)], "a probe changes its own stage only"
+        assert sim_space.choices_of(t.plan)[changed[0]].samples[0][0] == model
+        assert budget.spent(t.estimated_cost) <= spend * (1 + 1e-9), "at no more than the first plan's spend"
+        by_stage.setdefault(stage, []).append(t)
+    assert set(by_stage) == set(sim_space.stages)
+    sizes = {m: sim.models[m].active_params for m in sim.models}
+    for stage, steps in by_stage.items():
+        assert steps[0].strategy_info["model"] == "sim-8B", "halfway in log size between 1B and 70B"
+        index = sim_space.stages.index(stage)
+        for upper, step in zip([base, *steps[:-1]], steps, strict=True):
+            assert sizes[step.strategy_info["model"]] < sizes[sim_space.choices_of(upper.plan)[index].samples[0][0]]
+        for upper, lower in list(zip([base, *steps[:-1]], steps, strict=True))[:-1]:
+            assert lower.score >= upper.score, f"{stage}: went further down only after the smaller model did as well"
+    # the proposals before any score: the first plan and each stage's first step, nothing that needs a score
+    fresh = InsightStrategy(0)
+    empty = create_study(storage=InMemoryStorage(), environment=sim, budget=budget, strategy=fresh, seed=0, space=sim_space)
+    first = fresh.propose(empty.context(), 10)
+    assert [p.info["model"] for p in first[1:]] == ["sim-8B"] * 3
+    assert len(first) == 1 + len(sim_space.stages)
+
+
+def test_in_context_probes_need_room_for_every_stages_costliest_model_at_two_samples() -> None:
+    sim = SimulatedEnvironment(stages=2, seed=0)
+    sim_space = SearchSpace.from_info(sim.info)
+    tight = _one_big_model_budget(sim, sim_space)
+    context = StudyContext(space=sim_space, budget=tight, info=sim.info, estimate_cost=sim.estimate_cost, trials=(), seed=0)
+    assert in_context_probes(sim_space, context) is None
+    roomy = Budget(limit=sim.estimate_cost(sim_space.plan([StageChoice((("sim-70B", 2),))] * 2)).flops, unit="flops")
+    context = StudyContext(space=sim_space, budget=roomy, info=sim.info, estimate_cost=sim.estimate_cost, trials=(), seed=0)
+    (first, covers), *_ = in_context_probes(sim_space, context)  # type: ignore[misc]
+    assert [c.samples for c in sim_space.choices_of(first)] == [(("sim-70B", 2),)] * 2
+    assert covers == [(s, "sim-70B") for s in sim_space.stages]
 
 
 def test_a_single_stage_task_probes_every_model(env, space) -> None:

@@ -1,9 +1,13 @@
 """The insight heuristic: AgentTTS's three insights as rules, needing no planner LLM.
 
-1. Stages prefer different models: probe models once, at the smallest sample count; every model of a
-   single-stage task, each stage's cheapest and costliest of a multi-stage one (``probes_every_model``), the
-   others scored between them. On a multi-stage task a stage whose probes differ by less than the noise is
-   unresolved, and the assembly starts it from its costliest model (``TIE_Z``).
+1. Stages prefer different models. On a single-stage task every model is probed once, at the smallest sample
+   count. On a multi-stage task whose budget gives every stage's costliest model ``IN_CONTEXT_MIN_SAMPLES``
+   samples, the models are compared in context and at scale (``in_context_probes``): one plan runs every stage's
+   costliest model, then each stage in turn tries a smaller model at the same spend (the middle one by size,
+   then smaller while the smaller does as well). On a tighter budget each stage's cheapest and costliest model
+   are probed once with the other stages at their cheapest (``probes_every_model``). Unprobed models are scored
+   between the probed ones. A stage whose probes differ by less than the noise is unresolved, and the assembly
+   starts it from its costliest model (``TIE_Z``).
 2. More samples help up to a point: grow the best models' sample counts toward the budget, and stop
    growing a node of the best plan once its last doubling gained less than ``plateau`` (score, 0..1).
 3. Stages interact: after the probes, moves change one stage at a time (and trade budget between two
@@ -51,7 +55,7 @@ from planner.space import SearchSpace, StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
 from planner.trial import FrozenTrial, TrialState
 
-__all__ = ["InsightStrategy", "assembly_floors", "probes_every_model"]
+__all__ = ["InsightStrategy", "assembly_floors", "in_context_probes", "probes_every_model"]
 
 # Prior gain (score points, 0..1 scale) of each kind of move before the study has tried it.
 PRIOR_GAIN = {
@@ -91,6 +95,15 @@ cheaper, with more samples, is the better bet (insight 1)."""
 SINGLE_STAGE_FLOORS = (1, 4)
 MULTI_STAGE_FLOORS = (4, 16)
 """The sample counts every stage of an assembled plan affords at least, one assembly per floor (``assembly_floors``)."""
+IN_CONTEXT_MIN_SAMPLES = 2
+"""On a multi-stage task, the samples every stage's costliest model must afford at once for the probes to compare
+each stage's models in context and at scale (``in_context_probes``); below it, one-sample probes. A one-sample
+probe is measured through the other stages at their weakest and hides what a model gains from samples, so it
+ranked the small models below where they win at scale, and after the probes the search first ran the optimal small
+model on such a stage at the 10th trial or later (docs/insight-heuristic-history.md, stop 21). In context a
+stage's models meet the others at their best and each other at the same spend, which is the comparison a plan
+makes. With a single sample each the costliest models are too weak a context (studies at 2% budgets lost up to
+30 points), hence two."""
 NARROW = 0.25
 """Two models of a stage whose probes differ by less than this share of the widest stage's spread count as about as
 good: the cheaper one is worth a downsize."""
@@ -139,15 +152,20 @@ class InsightStrategy(Strategy):
         space = context.space
         tried = context.tried()
         out: list[Proposal] = []
-        for plan, covers in self._probes(context):
+        in_context = in_context_probes(space, context)
+        probes = self._probes(context) if in_context is None else in_context
+        for plan, covers in probes:
             if len(out) == n:
                 return out
             if plan.plan_id not in tried:
                 tried.add(plan.plan_id)
                 stage, model = covers[0]
                 measured = ", ".join(f"{m} on stage {s}" for s, m in covers)
-                why = f"probe (insight 1): {measured} at its smallest sample count"
+                how = "at its smallest sample count" if in_context is None else "in context, at the same spend"
+                why = f"probe (insight 1): {measured} {how}"
                 info = {"phase": "probe", "stage": stage, "model": model, "probe": [list(c) for c in covers]}
+                if in_context is not None:
+                    info["in_context"] = True
                 out.append(Proposal(plan, why, info))
         complete = [t for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None]
         if not complete or len(out) == n:
@@ -452,10 +470,11 @@ def _jumped(space: SearchSpace, trial: FrozenTrial, by_number: Mapping[int, Froz
 
 
 def probes_every_model(space: SearchSpace) -> bool:
-    """Whether every model is probed (a single-stage task) or only each stage's cheapest and costliest (a multi-stage
-    task). There a probe costs a trial per stage and model and says little: it is measured through the other stages
-    at their weakest, which damps it, and at one sample, which hides what a model gains from many. The others get
-    scores between the two ends (``_impute``), and the assembly and the search try them in context, at scale."""
+    """Whether every model is probed once (a single-stage task) or only each stage's cheapest and costliest (a
+    multi-stage task whose budget is too tight for ``in_context_probes``). There a probe costs a trial per stage and
+    model and says little: it is measured through the other stages at their weakest, which damps it, and at one
+    sample, which hides what a model gains from many. The others get scores between the two ends (``_impute``), and
+    the assembly and the search try them in context, at scale."""
     return len(space.stages) == 1
 
 
@@ -479,6 +498,94 @@ class _Ranking:
     ranked: tuple[tuple[str, ...], ...]
     probe: Mapping[tuple[str, str], float]
     probe_cost: Mapping[tuple[str, str], float]
+
+
+def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tuple[Plan, list[tuple[str, str]]]] | None:
+    """Insight 1 on a multi-stage task, in context and at scale: the probe plans and the (stage, model) pairs each
+    measures; ``None`` on a single-stage task or where the budget does not give every stage's costliest model
+    ``IN_CONTEXT_MIN_SAMPLES`` samples at once (then the one-sample probes serve).
+
+    The first plan runs every stage's costliest model, the samples grown in turn while the plan fits. Then each
+    stage tries, at the same spend (the most samples that cost no more than the first plan), the model halfway in
+    log size between its cheapest and the current one; where that does at least as well it goes on down (halfway
+    again, then the cheapest), else the stage is done. At equal spend a small model's many votes and a large
+    model's few trade off, and the best size often lies between the ends, which a guess between two end probes
+    never ranks first. A step waits for the step before it to be scored."""
+    if len(space.stages) < 2:
+        return None
+    counts = _in_context_base(space, context)
+    if counts is None:
+        return None
+    cap = _widest_cap(space)
+
+    def plan_of(allocation: Sequence[Mapping[str, int]]) -> Plan:
+        return space.plan([StageChoice(tuple(a.items()), cap) for a in allocation])
+
+    base = plan_of(counts)
+    here = _spent(context, base)
+
+    def at_spend(index: int, model: str) -> Plan | None:
+        for count in sorted(space.n_choices[model], reverse=True):
+            allocation = [dict(a) for a in counts]
+            allocation[index] = {model: count}
+            plan = plan_of(allocation)
+            if _spent(context, plan) <= here * (1 + 1e-9) and context.fits(plan):
+                return plan
+        return None
+
+    def halfway(stage: str, low: str, high: str) -> str:
+        bottom, top = _log_size(context, low), _log_size(context, high)
+        inside = [m for m in space.stage_models[stage] if bottom < _log_size(context, m) < top]
+        middle = (bottom + top) / 2
+        return min(inside, key=lambda m: (abs(_log_size(context, m) - middle), m)) if inside else low
+
+    scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
+
+    def steps() -> Iterator[tuple[Plan, list[tuple[str, str]]]]:
+        yield base, [(stage, next(iter(counts[i]))) for i, stage in enumerate(space.stages)]
+        for index, stage in enumerate(space.stages):
+            low = min(space.stage_models[stage], key=lambda m: (_log_size(context, m), m))
+            high, high_plan = next(iter(counts[index])), base
+            while (model := halfway(stage, low, high)) != high:
+                plan = at_spend(index, model)
+                if plan is None:
+                    break
+                yield plan, [(stage, model)]
+                mine, theirs = scored.get(plan.plan_id), scored.get(high_plan.plan_id)
+                if model == low or mine is None or theirs is None or mine < theirs:
+                    break  # the cheapest is reached, a score is pending, or the larger model did better
+                high, high_plan = model, plan
+
+    return steps()
+
+
+def _in_context_base(space: SearchSpace, context: StudyContext) -> list[dict[str, int]] | None:
+    """Every stage's costliest model (by its price on the stage at one sample), the stages' samples doubled in turn
+    while the plan fits; ``None`` unless every stage gets ``IN_CONTEXT_MIN_SAMPLES``."""
+    anchor = [_cheapest_fitting(space, s, context) for s in space.stages]
+    cap = _widest_cap(space)
+    counts: list[dict[str, int]] = []
+    for index, stage in enumerate(space.stages):
+        top = max(space.stage_models[stage], key=lambda m, i=index: (_spent_smallest(space, anchor, i, m, context), m))
+        counts.append({top: min(space.n_choices[top])})
+
+    def fits(allocation: Sequence[Mapping[str, int]]) -> bool:
+        return context.fits(space.plan([StageChoice(tuple(a.items()), cap) for a in allocation]))
+
+    if not fits(counts):
+        return None
+    growing = True
+    while growing:
+        growing = False
+        for index, allocation in enumerate(counts):
+            ((model, n),) = allocation.items()
+            bigger = _next(space.n_choices[model], n, +1)
+            grown = [{model: bigger} if i == index else a for i, a in enumerate(counts)]
+            if bigger is not None and fits(grown):
+                counts, growing = grown, True
+    if any(n < IN_CONTEXT_MIN_SAMPLES for allocation in counts for n in allocation.values()):
+        return None
+    return counts
 
 
 def _assembly_ranking(space: SearchSpace, context: StudyContext) -> _Ranking | None:
@@ -651,6 +758,8 @@ def _probe_costs(context: StudyContext) -> dict[tuple[str, str], float]:
     """(stage, model) -> cost of its probe plan in budget units (others at the anchor, so comparable)."""
     costs: dict[tuple[str, str], float] = {}
     for trial in context.trials:
+        if trial.strategy_info.get("in_context"):
+            continue  # a plan at full spend, not a price: such models are priced as unprobed ones are
         for key in _probed(trial):
             costs[key] = context.budget.spent(trial.estimated_cost)
     return costs
