@@ -272,6 +272,22 @@ def test_in_context_probes_need_room_for_every_stages_costliest_model_at_two_sam
     (first, covers), *_ = in_context_probes(sim_space, context)  # type: ignore[misc]
     assert [c.samples for c in sim_space.choices_of(first)] == [(("sim-70B", 2),)] * 2
     assert covers == [(s, "sim-70B") for s in sim_space.stages]
+    # a study probed the one-sample way already (an agent's probes) is searched from those, not probed again
+    one_sample = sim_space.plan([StageChoice((("sim-70B", 1),)), StageChoice((("sim-1B", 1),))])
+    probed = FrozenTrial(
+        trial_id=1,
+        number=0,
+        study_id=1,
+        plan=one_sample,
+        state=TrialState.COMPLETE,
+        score=0.5,
+        estimated_cost=sim.estimate_cost(one_sample),
+        strategy_info={"probe": [["stage1", "sim-70B"]]},
+    )
+    context = StudyContext(
+        space=sim_space, budget=roomy, info=sim.info, estimate_cost=sim.estimate_cost, trials=(probed,), seed=0
+    )
+    assert in_context_probes(sim_space, context) is None
 
 
 def test_a_single_stage_task_probes_every_model(env, space) -> None:

@@ -510,8 +510,9 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
     log size between its cheapest and the current one; where that does at least as well it goes on down (halfway
     again, then the cheapest), else the stage is done. At equal spend a small model's many votes and a large
     model's few trade off, and the best size often lies between the ends, which a guess between two end probes
-    never ranks first. A step waits for the step before it to be scored."""
-    if len(space.stages) < 2:
+    never ranks first. A step waits for the step before it to be scored. ``None`` too where the study has probed
+    the one-sample way already (an agent's probes, which this heuristic then searches from)."""
+    if len(space.stages) < 2 or any(_probed(t) and not t.strategy_info.get("in_context") for t in context.trials):
         return None
     counts = _in_context_base(space, context)
     if counts is None:
