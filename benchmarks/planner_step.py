@@ -22,7 +22,7 @@ from executors.simulated import SimulatedEnvironment
 from graphs.cost import Budget
 from planner.llm import scripted_model
 from planner.report import most_expensive_single_model_cost
-from planner.space import SearchSpace
+from planner.space import SearchSpace, clear_plan_cache
 from planner.storage import InMemoryStorage
 from planner.strategies import STRATEGIES, make_strategy, strategy_params
 from planner.study import Study, create_study
@@ -69,6 +69,7 @@ def main() -> None:
         space = SearchSpace.from_info(env.info)
         budget = Budget(limit=0.1 * most_expensive_single_model_cost(env, space, Budget(limit=1, unit="flops")), unit="flops")
         for name in STRATEGIES:
+            clear_plan_cache()  # each strategy starts cold: no plans built by the one before
             strategy = make_strategy(name, 0, strategy_params(name, route, None))
             study = create_study(storage=InMemoryStorage(), environment=env, budget=budget, strategy=strategy, space=space)
             timed = TimedStudy(study.record, study.storage, env, strategy, space)

@@ -7,6 +7,7 @@ that stops early once ``k`` answers agree). Every choice maps to exactly one pla
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -18,9 +19,12 @@ from executors.environment import EnvironmentInfo
 from graphs.errors import UnknownModel
 from graphs.plan import Node, Plan, StageGraph
 
-__all__ = ["SearchSpace", "StageChoice"]
+__all__ = ["SearchSpace", "StageChoice", "clear_plan_cache"]
 
 DEFAULT_EARLY_STOP = (2, 3)
+PLAN_CACHE_SIZE = 8192
+"""Plans built from choices and kept for reuse (``SearchSpace.plan``): a strategy's step builds the same
+neighbouring plans again and again, and a plan is a validated, immutable value whose id is computed once."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class SearchSpace:
             yield self.plan(combo)
 
     def plan(self, choices: Sequence[StageChoice]) -> Plan:
-        return Plan(stages=tuple(c.graph(s) for s, c in zip(self.stages, choices, strict=True)))
+        return _plan(self.stages, tuple(choices))
 
     def single_model_plans(self) -> Iterator[Plan]:
         """The baseline family: one model for every stage, ``n`` samples, majority vote, no cap."""
@@ -179,3 +183,14 @@ def _powers_of_two(limit: int) -> tuple[int, ...]:
         values.append(n)
         n *= 2
     return tuple(values)
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _plan(stages: tuple[str, ...], choices: tuple[StageChoice, ...]) -> Plan:
+    """The plan of one choice per stage; the same value for the same choices (plans are frozen, so it is shared)."""
+    return Plan(stages=tuple(c.graph(s) for s, c in zip(stages, choices, strict=True)))
+
+
+def clear_plan_cache() -> None:
+    """Forget the plans kept by ``SearchSpace.plan`` (for a benchmark that times a strategy from a cold start)."""
+    _plan.cache_clear()

@@ -432,3 +432,21 @@ def test_best_trial_and_pareto_front_are_consistent(env, space) -> None:
             continue
         cost = BUDGET.spent(trial.estimated_cost)
         assert any(f.score >= trial.score and BUDGET.spent(f.estimated_cost) <= cost for f in front)
+
+
+def test_a_plan_built_twice_from_the_same_choices_is_one_shared_immutable_value() -> None:
+    from pydantic import ValidationError
+
+    from executors.simulated import SimulatedEnvironment
+
+    space = SearchSpace.from_info(SimulatedEnvironment(stages=2, seed=0).info)
+    choices = [StageChoice((("sim-8B", 4),)), StageChoice((("sim-1B", 4),), None, 3)]
+    plan = space.plan(choices)
+    assert space.plan(tuple(choices)) is plan, "built once, then reused"
+    fresh = Plan(stages=tuple(c.graph(s) for s, c in zip(space.stages, choices, strict=True)))
+    assert plan == fresh and plan.plan_id == fresh.plan_id
+    assert space.choices_of(plan) == choices
+    other = space.plan([StageChoice((("sim-8B", 8),)), choices[1]])
+    assert other is not plan and other.plan_id != plan.plan_id
+    with pytest.raises(ValidationError):  # frozen: whoever holds it cannot change it for the others
+        plan.stages = ()  # type: ignore[misc]
