@@ -138,10 +138,11 @@ class SearchSpace:
         return math.prod(sum(1 for _ in self.stage_choices(s)) for s in self.stages)
 
     def enumerate(self) -> Iterator[Plan]:
-        """Every plan in the space (the product of every stage's choices)."""
+        """Every plan in the space (the product of every stage's choices), each built once: not through the
+        cache of ``plan``, which a pass over thousands of plans would only churn."""
         per_stage = [list(self.stage_choices(s)) for s in self.stages]
         for combo in itertools.product(*per_stage):
-            yield self.plan(combo)
+            yield _build_plan(self.stages, combo)
 
     def plan(self, choices: Sequence[StageChoice]) -> Plan:
         return _plan(self.stages, tuple(choices))
@@ -186,10 +187,13 @@ def _powers_of_two(limit: int) -> tuple[int, ...]:
     return tuple(values)
 
 
-@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def _plan(stages: tuple[str, ...], choices: tuple[StageChoice, ...]) -> Plan:
-    """The plan of one choice per stage; the same value for the same choices (plans are frozen, so it is shared)."""
+def _build_plan(stages: tuple[str, ...], choices: tuple[StageChoice, ...]) -> Plan:
+    """The plan of one choice per stage."""
     return Plan(stages=tuple(c.graph(s) for s, c in zip(stages, choices, strict=True)))
+
+
+_plan = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(_build_plan)
+"""``_build_plan`` kept for reuse: the same value for the same choices (plans are frozen, so it is shared)."""
 
 
 def clear_plan_cache() -> None:
