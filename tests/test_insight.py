@@ -645,3 +645,76 @@ def test_after_the_probes_one_plan_is_assembled_per_floor_the_cheaper_models_at_
     if stages > 1:  # the second: cheaper models at many samples on some stage
         second = sim_space.choices_of(assembled[1].plan)
         assert any(n >= 16 and model != "sim-70B" for choice in second for model, n in choice.samples)
+
+
+FOCUSED_CASES = [
+    # (stages, task seed, budget fraction, probe scores, the anchor's score): the probes of studies that missed
+    (2, 3, 0.05, {("stage1", "sim-70B"): 0.445, ("stage2", "sim-70B"): 0.360}, 0.294),
+    (
+        4,
+        20,
+        0.02,
+        {("stage1", "sim-70B"): 0.085, ("stage2", "sim-70B"): 0.103, ("stage3", "sim-70B"): 0.124, ("stage4", "sim-70B"): 0.725},
+        0.101,
+    ),
+]
+
+
+@pytest.mark.parametrize(("stages", "seed", "fraction", "scores", "anchor"), FOCUSED_CASES)
+def test_the_focused_assembly_keeps_the_widest_stages_best_model_where_the_usual_one_cannot(
+    stages: int, seed: int, fraction: float, scores: dict[tuple[str, str], float], anchor: float
+) -> None:
+    """A tight budget: one stage's probes lie furthest apart, yet the 4+ assembly downgrades its 70B (the costliest
+    node); the focused assembly keeps the 70B there, at as many samples as fit beside the other stages' cheapest
+    model at 16+, and only then grows the others."""
+    from planner.strategies._insight import MULTI_STAGE_FLOORS, _assemble, _assembly_ranking, _focused_assembly
+
+    sim = SimulatedEnvironment(stages=stages, seed=seed)
+    sim_space = SearchSpace.from_info(sim.info)
+    scale = most_expensive_single_model_cost(sim, sim_space, Budget(limit=1.0, unit=UNIT))
+    focus = max(range(stages), key=lambda i: scores[(sim_space.stages[i], "sim-70B")] - anchor)
+
+    def probed(budget: Budget) -> StudyContext:
+        bare = StudyContext(sim_space, budget, sim.info, sim.estimate_cost, (), 0)
+        done = [
+            trial(
+                i,
+                plan,
+                max(scores.get(key, anchor) for key in covers),
+                {"phase": "probe", "probe": [list(c) for c in covers]},
+                sim.estimate_cost(plan),
+            )
+            for i, (plan, covers) in enumerate(InsightStrategy(0)._probes(bare))
+        ]
+        return StudyContext(sim_space, budget, sim.info, sim.estimate_cost, tuple(done), 0)
+
+    ctx = probed(Budget(limit=fraction * scale, unit=UNIT))
+    ranking = _assembly_ranking(sim_space, ctx)
+    assert ranking is not None
+    usual = _assemble(sim_space, ctx, MULTI_STAGE_FLOORS[0], ranking)
+    assert usual is not None and usual.stages[focus].nodes[0].model != "sim-70B", "the usual assembly downgrades it"
+    focused = _focused_assembly(sim_space, ctx, ranking)
+    assert focused is not None and ctx.fits(focused)
+    choices = sim_space.choices_of(focused)
+    ((model, k),) = choices[focus].samples
+    assert model == "sim-70B"
+    at_floor = [StageChoice((("sim-1B", MULTI_STAGE_FLOORS[-1]),), c.cap) for c in choices]
+    for i, choice in enumerate(choices):
+        if i != focus:
+            ((model, n),) = choice.samples
+            assert model == "sim-1B" and n >= MULTI_STAGE_FLOORS[-1], "the others: their cheapest model, at many samples"
+    more = [c for c in sim_space.n_choices["sim-70B"] if c > k]
+    grown = [StageChoice((("sim-70B", more[0]),), choices[focus].cap) if i == focus else c for i, c in enumerate(at_floor)]
+    assert more and not ctx.fits(sim_space.plan(grown)), "the 70B took as many samples as fit before the others grew"
+    assert sim.true_score(focused) > sim.true_score(usual) + 0.05
+    # the study proposes it right after the usual assemblies
+    proposals = InsightStrategy(0).propose(ctx, 5)
+    assert [p.plan.plan_id for p in proposals[:3]][-1] == focused.plan_id
+    assert all(ctx.fits(p.plan) for p in proposals)
+    # where the 4+ assembly keeps that stage's 70B, there is no focused assembly
+    roomy = probed(Budget(limit=0.5 * scale, unit=UNIT))
+    roomy_ranking = _assembly_ranking(sim_space, roomy)
+    assert roomy_ranking is not None
+    kept = _assemble(sim_space, roomy, MULTI_STAGE_FLOORS[0], roomy_ranking)
+    assert kept is not None and kept.stages[focus].nodes[0].model == "sim-70B"
+    assert _focused_assembly(sim_space, roomy, roomy_ranking) is None
