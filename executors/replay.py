@@ -79,10 +79,15 @@ class _View:
     counts: dict[tuple[frozenset, int], np.ndarray] = field(default_factory=dict)  # -> [R, P, K]
     correct: dict[tuple[frozenset, int], np.ndarray] = field(default_factory=dict)  # -> [R, P] bool
     agree: dict[tuple[frozenset, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    sample_flops: float = field(init=False)
+    """Mean decode FLOPs of one sample: what ``estimate_cost`` prices a node with, on every budget check."""
+    sample_tokens: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.mean_cum_flops = self.cum_decode_flops.mean(axis=(0, 1))
         self.mean_cum_tokens = self.cum_output_tokens.mean(axis=(0, 1))
+        self.sample_flops = float(self.cum_decode_flops[:, :, -1].mean()) / self.order.shape[2]
+        self.sample_tokens = float(self.cum_output_tokens[:, :, -1].mean()) / self.order.shape[2]
 
 
 class ReplayEnvironment(Environment):
@@ -117,6 +122,7 @@ class ReplayEnvironment(Environment):
             [math.ceil(len(p.question) / CHARS_PER_TOKEN) + PROMPT_OVERHEAD_TOKENS for p in self.data.problems],
             dtype=np.float64,
         )
+        self._mean_prompt_tokens = float(self._prompt_tokens.mean())
         self._golds = [normalize_answer(p.gold) for p in self.data.problems]
         self._caps = tuple(caps) if caps is not None else self._default_caps()
         self._orders: dict[str, np.ndarray] = {}
@@ -198,9 +204,7 @@ class ReplayEnvironment(Environment):
         total = Cost()
         for node in plan.stages[0].nodes:
             view = self._view(node.model, node.max_tokens)
-            mean_flops = float(view.cum_decode_flops[:, :, -1].mean()) / view.order.shape[2]
-            mean_tokens = float(view.cum_output_tokens[:, :, -1].mean()) / view.order.shape[2]
-            total = total + self._node_cost(node, node.n * mean_flops, node.n * mean_tokens)
+            total = total + self._node_cost(node, node.n * view.sample_flops, node.n * view.sample_tokens)
         return total
 
     def evaluate(self, plan: Plan) -> Evaluation:
@@ -287,7 +291,7 @@ class ReplayEnvironment(Environment):
         spec: ModelSpec = self.data.specs[node.model]
         if node.model not in self._prefill:
             self._prefill[node.model] = float(np.mean([prefill_flops(spec, p) for p in self._prompt_tokens]))
-        prompt = float(self._prompt_tokens.mean())
+        prompt = self._mean_prompt_tokens
         usd = sample_usd(spec, prompt, output_tokens / max(node.n, 1), node.n)
         return Cost(self._prefill[node.model] + decode, prompt, output_tokens, usd)
 
