@@ -693,7 +693,7 @@ def test_the_focused_assembly_keeps_the_widest_stages_best_model_where_the_usual
     assert ranking is not None
     usual = _assemble(sim_space, ctx, MULTI_STAGE_FLOORS[0], ranking)
     assert usual is not None and usual.stages[focus].nodes[0].model != "sim-70B", "the usual assembly downgrades it"
-    focused = _focused_assembly(sim_space, ctx, ranking)
+    focused = _focused_assembly(sim_space, ctx, ranking, usual)
     assert focused is not None and ctx.fits(focused)
     choices = sim_space.choices_of(focused)
     ((model, k),) = choices[focus].samples
@@ -717,4 +717,4 @@ def test_the_focused_assembly_keeps_the_widest_stages_best_model_where_the_usual
     assert roomy_ranking is not None
     kept = _assemble(sim_space, roomy, MULTI_STAGE_FLOORS[0], roomy_ranking)
     assert kept is not None and kept.stages[focus].nodes[0].model == "sim-70B"
-    assert _focused_assembly(sim_space, roomy, roomy_ranking) is None
+    assert _focused_assembly(sim_space, roomy, roomy_ranking, kept) is None

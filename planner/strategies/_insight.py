@@ -173,8 +173,9 @@ class InsightStrategy(Strategy):
         if not complete or len(out) == n:
             return out
         ranking = _assembly_ranking(space, context)
+        assembled_at: dict[int, Plan | None] = {}
         for floor in assembly_floors(space):
-            assembled = None if ranking is None else _assemble(space, context, floor, ranking)
+            assembled = assembled_at[floor] = None if ranking is None else _assemble(space, context, floor, ranking)
             if assembled is not None and assembled.plan_id not in tried and len(out) < n:
                 tried.add(assembled.plan_id)
                 why = (
@@ -182,7 +183,8 @@ class InsightStrategy(Strategy):
                     "budget, weakest stages first"
                 )
                 out.append(Proposal(assembled, why, {"phase": "assemble"}))
-        focused = None if ranking is None else _focused_assembly(space, context, ranking)
+        usual = assembled_at.get(MULTI_STAGE_FLOORS[0])
+        focused = None if ranking is None else _focused_assembly(space, context, ranking, usual)
         if focused is not None and focused.plan_id not in tried and len(out) < n:
             tried.add(focused.plan_id)
             why = (
@@ -280,11 +282,7 @@ class InsightStrategy(Strategy):
         probe = _probe_scores(context, space)
         # A stage's model choice matters as much as its probes differ: models that probed within ``NARROW`` of
         # the widest stage's spread of the current one count as equally good (worth a cheaper model there).
-        spread = {
-            stage: max(scores) - min(scores)
-            for stage in space.stages
-            if len(scores := [v for (s, _), v in probe.items() if s == stage]) > 1
-        }
+        spread = _stage_spreads(space, probe)
         tolerance = NARROW * max(spread.values(), default=0.0)
         for index in range(len(space.stages)):
             _impute(space, base, index, probe, context)
@@ -696,30 +694,25 @@ def _assemble(
     return plan_of(counts)
 
 
-def _focused_assembly(space: SearchSpace, context: StudyContext, ranking: _Ranking) -> Plan | None:
-    """On a multi-stage task where the 4+ assembly cannot keep the best model of the stage whose probes lie furthest
-    apart (where the model matters most), a plan that keeps it: the other stages run their cheapest models at 16+
-    samples, that stage its best model at as many samples as then fit, and what is left grows the others, weakest
-    first. The optimum of a tight budget is often such a plan, one large model at a few samples and small ones at
-    many, which no assembly of one floor for every stage builds and no single move reaches from one (the other
-    stages would change model at once); on 150 simulated settings it took the regret after 20 trials from 1.58 to
-    1.32 points (docs/insight-heuristic-history.md, stop 24). ``None`` where there is no such stage."""
+def _focused_assembly(space: SearchSpace, context: StudyContext, ranking: _Ranking, usual: Plan | None) -> Plan | None:
+    """On a multi-stage task where the 4+ assembly (``usual``, as ``propose`` built it) cannot keep the best model
+    of the stage whose probes lie furthest apart (where the model matters most), a plan that keeps it: the other
+    stages run their cheapest models at 16+ samples, that stage its best model at as many samples as then fit, and
+    what is left grows the others, weakest first. The optimum of a tight budget is often such a plan, one large
+    model at a few samples and small ones at many, which no assembly of one floor for every stage builds and no
+    single move reaches from one (the other stages would change model at once); on 150 simulated settings it took
+    the regret after 20 trials from 1.58 to 1.32 points (docs/insight-heuristic-history.md, stop 24). ``None`` where
+    there is no such stage."""
     if len(space.stages) < 2:
         return None
-    spreads = [
-        (max(values) - min(values), i)
-        for i, stage in enumerate(space.stages)
-        if len(values := [v for (s, _), v in ranking.probe.items() if s == stage]) > 1
-    ]
+    spreads = _stage_spreads(space, ranking.probe)
     if not spreads:
         return None
-    _, focus = max(spreads)
+    _, focus = max((spread, space.stages.index(stage)) for stage, spread in spreads.items())
     best = ranking.ranked[focus][0]
-    floor, many = MULTI_STAGE_FLOORS[0], MULTI_STAGE_FLOORS[-1]
-    usual = _assemble(space, context, floor, ranking)
     if usual is None or any(node.model == best for node in usual.stages[focus].nodes):
         return None
-    floors = [many] * len(space.stages)
+    floors = [MULTI_STAGE_FLOORS[-1]] * len(space.stages)
     floors[focus] = 1
     cheapest = tuple(
         ranked if i == focus else tuple(sorted(ranked, key=lambda m, s=space.stages[i]: ranking.probe_cost.get((s, m), 0.0)))
@@ -729,6 +722,15 @@ def _focused_assembly(space: SearchSpace, context: StudyContext, ranking: _Ranki
     if focused is None or not any(node.model == best for node in focused.stages[focus].nodes):
         return None
     return focused
+
+
+def _stage_spreads(space: SearchSpace, probe: Mapping[tuple[str, str], float]) -> dict[str, float]:
+    """How far apart each stage's models probed (best minus worst), for the stages with two scores or more."""
+    return {
+        stage: max(scores) - min(scores)
+        for stage in space.stages
+        if len(scores := [v for (s, _), v in probe.items() if s == stage]) > 1
+    }
 
 
 def _impute(
