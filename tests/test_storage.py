@@ -583,3 +583,37 @@ def test_get_storage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         assert explicit.list_studies() == []
     finally:
         explicit.close()
+
+
+@pytest.mark.parametrize("mode", SQL_FILE_MODES)
+def test_ctrl_c_during_a_commit_stores_the_write_then_interrupts(
+    mode: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """SIGINT landing inside SQLAlchemy's commit used to surface as an AssertionError from its half-closed
+    transaction (the CLI then died with a traceback, not its resume hint): it is held until the commit ends."""
+    import os
+    import signal
+
+    from sqlalchemy import event
+
+    storage = SQLStorage(_make_url(mode, request, tmp_path))
+    try:
+        study = _study(storage)
+        trial = storage.create_trial(study.study_id, plan=_plan(), estimated_cost=Cost())
+        fired: list[bool] = []
+
+        @event.listens_for(storage.engine, "commit")
+        def interrupt(connection: object) -> None:
+            if not fired:
+                fired.append(True)
+                os.kill(os.getpid(), signal.SIGINT)  # delivered here, in the middle of the commit
+
+        with pytest.raises(KeyboardInterrupt):
+            storage.finish_trial(trial.trial_id, state=TrialState.COMPLETE, score=0.5)
+        event.remove(storage.engine, "commit", interrupt)
+        assert fired
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        stored = storage.get_trial(trial.trial_id)
+        assert stored.state is TrialState.COMPLETE and stored.score == 0.5
+    finally:
+        storage.close()

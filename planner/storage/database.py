@@ -11,6 +11,8 @@ this Allot) become one-line ``StorageError`` messages that name the URL, passwor
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ __all__ = [
     "default_database_url",
     "ensure_schema",
     "head_revision",
+    "interrupts_deferred",
     "make_engine",
     "mask_url",
     "migration_transaction",
@@ -192,10 +195,37 @@ def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
             session.connection(execution_options={_SQLITE_BEGIN: "BEGIN IMMEDIATE"})
         try:
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
+            with interrupts_deferred():
+                session.commit()
+        except BaseException as exc:
+            try:
+                session.rollback()
+            except Exception:
+                if isinstance(exc, KeyboardInterrupt):
+                    raise exc from None  # Ctrl-C stays Ctrl-C, whatever state it left the session in
+                raise
             raise
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it. A ``KeyboardInterrupt`` raised inside
+    SQLAlchemy's commit leaves its transaction half closed, and the error that raises next replaces the
+    interrupt: the command then dies with a traceback instead of its resume hint, and whether the trial it was
+    storing got stored is left to chance. Only in the main thread and under Python's own SIGINT handler (a
+    Celery worker or a test runner keeps its own)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def relax_commit(session: Session) -> None:
