@@ -96,6 +96,22 @@ class Environment(abc.ABC):
             total = total + self.estimate_cost(plan)
         return total, total
 
+    votes_over_prefixes: bool = False
+    """Whether an evaluation's samples also give the last stage's vote over their first ``k`` (``prefix_scores``)."""
+
+    def prefix_scores(self, plan: Plan) -> dict[int, float]:
+        """Scores of ``plan`` with its last stage's vote taken over the first ``k`` samples only, for each power of
+        two ``k`` below its count: what evaluating ``plan`` showed on the way, at no extra generation (a vote over 8
+        samples holds the vote over their first 4). Only for a last stage of one solver node decided by plain
+        majority vote (``last_stage_prefixes``); empty where the environment does not keep the samples."""
+        if not self.votes_over_prefixes or plan.stages[-1].stage != self.info.stages[-1]:
+            return {}  # an earlier stage's prefix is no saving: its answers feed every later stage's prompts
+        memo: dict[str, dict[int, float]] = self.__dict__.setdefault("_prefix_memo", {})
+        found = memo.get(plan.plan_id)
+        if found is None:
+            found = memo[plan.plan_id] = {k: self.evaluate(prefix).score for k, prefix in last_stage_prefixes(plan)}
+        return dict(found)
+
     def with_evaluation_seed(self, seed: int) -> Environment:
         """This task with its evaluation luck drawn from ``seed``: what a benchmark varies per study seed so
         that its seeds sample the noise of evaluations, not only the strategy's own randomness. Environments
@@ -110,3 +126,22 @@ class Environment(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def last_stage_prefixes(plan: Plan) -> list[tuple[int, Plan]]:
+    """``plan`` with its last stage's single solver node cut to each power of two below its count; none where that
+    stage has several nodes, edges, another decision rule or an early stop (their votes are not a prefix's)."""
+    last = plan.stages[-1]
+    if len(last.nodes) != 1 or last.edges or last.decision is not DecisionRule.MAJORITY_VOTE or last.early_stop is not None:
+        return []
+    node = last.nodes[0]
+    if node.role is not Role.SOLVER:
+        return []
+    out = []
+    k = 1
+    while k < node.n:
+        fields = plan.model_dump()
+        fields["stages"][-1]["nodes"][0]["n"] = k
+        out.append((k, Plan.model_validate(fields)))  # built anew: a copy would carry the cached plan id
+        k *= 2
+    return out

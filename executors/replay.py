@@ -94,6 +94,7 @@ class ReplayEnvironment(Environment):
     """Scores single-stage plans on one benchmark of a replay directory."""
 
     kind = "replay"
+    votes_over_prefixes = True
 
     def __init__(
         self,

@@ -164,6 +164,7 @@ class SimulatedEnvironment(Environment):
     """A seeded multi-stage task whose accuracy curves are known, so its optimum is known too."""
 
     kind = "simulated"
+    votes_over_prefixes = True
 
     def __init__(
         self,

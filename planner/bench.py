@@ -187,6 +187,7 @@ class _Memo(Environment):
     def __init__(self, inner: Environment) -> None:
         self.inner = inner
         self.kind = inner.kind
+        self.votes_over_prefixes = inner.votes_over_prefixes
         self._costs: dict[str, Cost] = {}
         self._evaluations: dict[str, Evaluation] = {}
         true_score = getattr(inner, "true_score", None)

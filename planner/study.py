@@ -101,6 +101,7 @@ class Study:
             estimate_cost=self.environment.estimate_cost,
             trials=tuple(self.trials if trials is None else trials),
             seed=self.record.seed,
+            prefix_scores=self.environment.prefix_scores if self.environment.votes_over_prefixes else None,
         )
 
     # -- running ---------------------------------------------------------------------------------

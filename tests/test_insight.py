@@ -218,7 +218,8 @@ def test_a_multi_stage_task_on_a_tight_budget_probes_each_stages_cheapest_and_co
 
 def test_a_multi_stage_task_with_room_compares_each_stages_models_in_context_at_the_same_spend() -> None:
     """Every stage's costliest model first, then per stage a smaller model at the same spend: the middle one by log
-    size, then smaller only while the smaller did at least as well as the plan it came down from."""
+    size, then smaller only while the smaller did at least as well as the plan it came down from (on the last stage,
+    each at the best count its samples showed)."""
     sim = SimulatedEnvironment(stages=3, seed=0)
     sim_space = SearchSpace.from_info(sim.info)
     budget = Budget(limit=sim.estimate_cost(sim_space.plan([StageChoice((("sim-70B", 8),))] * 3)).flops, unit="flops")
@@ -252,7 +253,14 @@ def test_a_multi_stage_task_with_room_compares_each_stages_models_in_context_at_
         for upper, step in zip([base, *steps[:-1]], steps, strict=True):
             assert sizes[step.strategy_info["model"]] < sizes[sim_space.choices_of(upper.plan)[index].samples[0][0]]
         for upper, lower in list(zip([base, *steps[:-1]], steps, strict=True))[:-1]:
-            assert lower.score >= upper.score, f"{stage}: went further down only after the smaller model did as well"
+            if index == len(sim_space.stages) - 1:  # the last stage's models are compared where their votes peak
+
+                def peak(t: FrozenTrial) -> float:
+                    return max([t.score, *sim.prefix_scores(t.plan).values()])
+
+                assert peak(lower) >= peak(upper), f"{stage}: went further down only after the smaller model did as well"
+            else:
+                assert lower.score >= upper.score, f"{stage}: went further down only after the smaller model did as well"
     # the proposals before any score: the first plan and each stage's first step, nothing that needs a score
     fresh = InsightStrategy(0)
     empty = create_study(storage=InMemoryStorage(), environment=sim, budget=budget, strategy=fresh, seed=0, space=sim_space)
@@ -718,3 +726,54 @@ def test_the_focused_assembly_keeps_the_widest_stages_best_model_where_the_usual
     kept = _assemble(sim_space, roomy, MULTI_STAGE_FLOORS[0], roomy_ranking)
     assert kept is not None and kept.stages[focus].nodes[0].model == "sim-70B"
     assert _focused_assembly(sim_space, roomy, roomy_ranking, kept) is None
+
+
+def _study_on(env: SimulatedEnvironment, fraction: float, trials: int) -> list[FrozenTrial]:
+    sim_space = SearchSpace.from_info(env.info)
+    scale = most_expensive_single_model_cost(env, sim_space, Budget(limit=1.0, unit=UNIT))
+    budget = Budget(limit=fraction * scale, unit=UNIT)
+    study = create_study(
+        storage=InMemoryStorage(), environment=env, budget=budget, strategy=InsightStrategy(0), seed=0, space=sim_space
+    )
+    study.optimize(trials)
+    assert all(budget.allows(t.estimated_cost) for t in study.trials)
+    return [t for t in study.trials if t.state is TrialState.COMPLETE]
+
+
+def test_the_last_stages_models_are_compared_where_their_votes_peak_not_at_equal_spend() -> None:
+    """4-stage task, seed 23, at half the costliest plan: on the last stage every model's vote peaks at two samples but
+    the 3B's, which at eight beats the 70B by over 20 points. At the 70B's spend the 8B gets 64 samples, far past its
+    peak, and loses, which ended the descent before the 3B; what the 8B's own samples show at two ends it no longer."""
+    with_prefixes = SimulatedEnvironment(4, seed=23)
+    without = SimulatedEnvironment(4, seed=23)
+    without.votes_over_prefixes = False  # the same task, its evaluations' samples not kept
+    last = with_prefixes.info.stages[-1]
+
+    def three_b_on_the_last_stage(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        return [t for t in trials if t.plan.stage(last).models == ("sim-3B",)]
+
+    found = _study_on(with_prefixes, 0.5, 10)
+    blind = _study_on(without, 0.5, 10)
+    assert three_b_on_the_last_stage(found) and not three_b_on_the_last_stage(blind)
+    best = max(with_prefixes.true_score(t.plan) for t in found)
+    assert best > max(without.true_score(t.plan) for t in blind) + 0.15
+    # the step that went on to the 3B is the 8B probe that lost at its own count but won at its peak
+    steps = [t for t in found if t.strategy_info.get("phase") == "probe" and t.strategy_info["probe"] == [[last, "sim-8B"]]]
+    base = found[0]
+    assert steps and steps[0].score < base.score
+    assert max(with_prefixes.prefix_scores(steps[0].plan).values()) > base.score
+
+
+def test_a_better_count_an_evaluation_showed_on_the_way_is_proposed_as_a_peak() -> None:
+    env = SimulatedEnvironment(4, seed=23)
+    trials = _study_on(env, 0.5, 12)
+    peaks = [t for t in trials if t.strategy_info.get("move") == "peak"]
+    assert peaks, "the 3B's vote over 8 of its 64 samples beat every plan run"
+    by_number = {t.number: t for t in trials}
+    for peak in peaks:
+        parent = by_number[peak.strategy_info["parent"]]
+        count = peak.plan.stages[-1].nodes[0].n
+        assert peak.plan.stages[:-1] == parent.plan.stages[:-1] and count < parent.plan.stages[-1].nodes[0].n
+        assert peak.score == env.prefix_scores(parent.plan)[count], "it scores what the parent's samples showed"
+        assert peak.score > max(t.score for t in trials if t.number < peak.number)
+        assert peak.estimated_cost.flops < parent.estimated_cost.flops

@@ -7,7 +7,8 @@ Mirrors optuna's ``BaseSampler``. A study calls, in a trial's life:
 2. ``tell(trial)``: once per finished trial (complete, failed or rejected), in trial-number order.
 
 ``reseed(seed)`` resets the random stream. Strategies hold no I/O: the ``StudyContext`` hands them the
-space, the budget, a pure cost estimate and the frozen trials so far. Everything a strategy needs to
+space, the budget, a pure cost estimate, the frozen trials so far and, where the environment keeps the
+samples, what their evaluations showed at fewer samples. Everything a strategy needs to
 resume is in ``context.trials``: a strategy rebuilt after an interruption reads them on its first
 ``propose``, so no state lives only in memory.
 """
@@ -15,7 +16,7 @@ resume is in ``context.trials``: a strategy rebuilt after an interruption reads 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ class StudyContext:
     estimate_cost: Callable[[Plan], Cost]
     trials: Sequence[FrozenTrial]
     seed: int
+    prefix_scores: Callable[[Plan], Mapping[int, float]] | None = None
+    """``Environment.prefix_scores``: what an evaluated plan's samples showed of its last stage at fewer samples."""
 
     def fits(self, plan: Plan) -> bool:
         return self.budget.allows(self.estimate_cost(plan))

@@ -18,6 +18,13 @@ After the probes come two assembled plans, each stage's best-probed model at a f
 budget (``assembly_floors``); on a multi-stage task where the first of them cannot keep the best model of the stage
 whose probes lie furthest apart, a third that keeps it beside the others' cheapest models at many samples
 (``_focused_assembly``); then a best-first local search around the incumbent (the best plan so far).
+
+Where the environment keeps an evaluation's samples (``Environment.prefix_scores``), a plan whose last stage runs one
+model at ``n`` samples also shows that stage's vote over its first 1, 2, 4, ... samples, at no extra generation. The
+in-context descent compares the last stage's models at those peaks (at equal spend a model a tenth the size gets ten
+times the samples, often past where its vote peaks, and lost there to a larger model it beats at its own best
+count), the probes rank them so, and a count an evaluation showed to beat every plan run is proposed next
+(``peak``) before any move.
 Its moves:
 
 - grow or shrink: double or halve a node's samples; halving a node whose count a jump set (a move other
@@ -194,6 +201,21 @@ class InsightStrategy(Strategy):
             out.append(Proposal(focused, why, {"phase": "assemble"}))
         if len(out) == n:
             return out  # the batch is full: the search's neighbourhood is not needed yet
+        best_score = max(t.score or 0.0 for t in complete)
+        for score, plan, source, k in sorted(_prefix_plans(space, context), key=lambda item: (-item[0], item[3])):
+            if len(out) == n:
+                return out
+            if plan.plan_id in tried or score <= best_score + 1e-9 or not context.fits(plan):
+                continue
+            tried.add(plan.plan_id)
+            why = (
+                f"peak (insight 2): trial {source.number}'s last stage voting over its first {k} samples scored "
+                f"{100 * score:.1f}, above the best so far"
+            )
+            out.append(Proposal(plan, why, {"phase": "search", "move": "peak", "parent": source.number}))
+            best_score = score
+        if len(out) == n:
+            return out
         gains = _resample_held_back(_observed_gains(context.trials, space), context.trials)
         incumbents = sorted(complete, key=lambda t: (-(t.score or 0.0), context.spent(t.plan), t.number))
         by_number = {t.number: t for t in context.trials}
@@ -549,6 +571,7 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
         return min(inside, key=lambda m: (abs(_log_size(context, m) - middle), m)) if inside else low
 
     scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
+    peaks = {t.plan_id: _peak_score(context, t) for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
 
     def steps() -> Iterator[tuple[Plan, list[tuple[str, str]]]]:
         yield base, [(stage, next(iter(counts[i]))) for i, stage in enumerate(space.stages)]
@@ -560,7 +583,8 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
                 if plan is None:
                     break
                 yield plan, [(stage, model)]
-                mine, theirs = scored.get(plan.plan_id), scored.get(high_plan.plan_id)
+                compared = peaks if index == len(space.stages) - 1 else scored  # the last stage: each at its peak
+                mine, theirs = compared.get(plan.plan_id), compared.get(high_plan.plan_id)
                 if model == low or mine is None or theirs is None or mine < theirs:
                     break  # the cheapest is reached, a score is pending, or the larger model did better
                 high, high_plan = model, plan
@@ -896,10 +920,45 @@ def _probed(trial: FrozenTrial) -> list[tuple[str, str]]:
 def _probe_scores(context: StudyContext, space: SearchSpace) -> dict[tuple[str, str], float]:
     """(stage, model) -> score of the probe of that model on that stage, all else held at the anchor."""
     scores: dict[tuple[str, str], float] = {}
+    last = space.stages[-1]
     for trial in _scored_probes(context):
         for key in _probed(trial):
-            scores[key] = trial.score  # type: ignore[assignment]
+            scores[key] = _peak_score(context, trial) if key[0] == last else trial.score  # type: ignore[assignment]
     return scores
+
+
+def _peak_score(context: StudyContext, trial: FrozenTrial) -> float:
+    """A trial's score, or its last stage's vote over fewer of its samples where that did better
+    (``Environment.prefix_scores``): a model compared at the same spend as a larger one gets many more samples,
+    often past where its vote peaks, and its probe would rank it by a count nobody would choose."""
+    score = trial.score or 0.0
+    if context.prefix_scores is None:
+        return score
+    return max([score, *context.prefix_scores(trial.plan).values()])
+
+
+def _prefix_plans(space: SearchSpace, context: StudyContext) -> Iterator[tuple[float, Plan, FrozenTrial, int]]:
+    """(score, plan, trial, count) for every plan of the space whose score an evaluated trial showed on the way: the
+    trial with its last stage's single model cut to ``count`` samples (``Environment.prefix_scores``)."""
+    if context.prefix_scores is None:
+        return
+    for trial in context.trials:
+        if trial.state is not TrialState.COMPLETE or trial.score is None:
+            continue
+        scores = context.prefix_scores(trial.plan)
+        if not scores:
+            continue
+        try:
+            choices = space.choices_of(trial.plan)
+        except (KeyError, ValueError, AllotError):
+            continue  # not a plan of this space (an agent's graph)
+        last = choices[-1]
+        if len(last.samples) != 1:
+            continue
+        ((model, _),) = last.samples
+        for k, score in scores.items():
+            if k in space.n_choices[model]:
+                yield score, space.plan([*choices[:-1], replace(last, samples=((model, k),))]), trial, k
 
 
 def _scored_probes(context: StudyContext) -> Iterator[FrozenTrial]:
