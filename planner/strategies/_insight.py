@@ -570,8 +570,14 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
         middle = (bottom + top) / 2
         return min(inside, key=lambda m: (abs(_log_size(context, m) - middle), m)) if inside else low
 
-    scored = {t.plan_id: t.score for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
-    peaks = {t.plan_id: _peak_score(context, t) for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
+    finished = {t.plan_id: t for t in context.trials if t.state is TrialState.COMPLETE and t.score is not None}
+
+    def score_of(plan: Plan, at_peak: bool) -> float | None:
+        """The plan's trial score (``None`` while pending); on the last stage each model at its peak."""
+        trial = finished.get(plan.plan_id)
+        if trial is None:
+            return None
+        return _peak_score(context, trial) if at_peak else trial.score
 
     def steps() -> Iterator[tuple[Plan, list[tuple[str, str]]]]:
         yield base, [(stage, next(iter(counts[i]))) for i, stage in enumerate(space.stages)]
@@ -583,8 +589,8 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
                 if plan is None:
                     break
                 yield plan, [(stage, model)]
-                compared = peaks if index == len(space.stages) - 1 else scored  # the last stage: each at its peak
-                mine, theirs = compared.get(plan.plan_id), compared.get(high_plan.plan_id)
+                at_peak = index == len(space.stages) - 1
+                mine, theirs = score_of(plan, at_peak), score_of(high_plan, at_peak)
                 if model == low or mine is None or theirs is None or mine < theirs:
                     break  # the cheapest is reached, a score is pending, or the larger model did better
                 high, high_plan = model, plan
