@@ -19,6 +19,9 @@ environments, so any strategy can search a live task:
 - ``search_cost(plans)``: per example, what evaluating ``plans`` generated (``RunResult.paid``: less than
   the plan's cost where the sample store served samples, nothing for a plan evaluated again) against
   what they would have cost without reuse; plans not evaluated yet count at their estimate.
+- ``prefix_scores(plan)``: the last stage's vote over the first 1, 2, 4, ... samples of the plan's recorded run,
+  scored as the evaluation was (where that stage gives the task's answer and no judge model scores): what running
+  the smaller plan scores, read off without a call.
 - ``spec()`` / ``from_spec``: the task file, the catalog (a file path or the models inline), the settings
   and the sample store's location; the backend is rebuilt from the catalog (``LiteLLMBackend``, behind a
   ``CachedBackend`` when a store is given).
@@ -34,14 +37,15 @@ import concurrent.futures
 import math
 import statistics
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from executors.aggregators import vote
 from executors.backends import ModelBackend
-from executors.environment import Environment, EnvironmentInfo, Evaluation
+from executors.environment import Environment, EnvironmentInfo, Evaluation, last_stage_prefixes
 from executors.plan_runner import PlanRunner, RunResult, gather_or_cancel
-from executors.tasks import Example, Task, load_task
+from executors.tasks import Example, ScorerKind, Task, load_task
 from graphs.cost import Cost, ModelSpec
 from graphs.errors import DataError
 from graphs.plan import DecisionRule, Plan, Role
@@ -207,6 +211,45 @@ class LiveEnvironment(Environment):
         results = await gather_or_cancel([asyncio.ensure_future(one(example)) for example in self.examples])
         self.history.append(PlanRun(plan, tuple(results)))
         return results
+
+    @property
+    def votes_over_prefixes(self) -> bool:  # type: ignore[override]
+        """The last stage's vote over fewer samples can be read off a run where that stage gives the task's answer and
+        answers are scored without a judge model (a judge's calls would be new, unmetered generation)."""
+        return self.task.final_stage == self.task.order[-1] and self.task.scorer.kind is not ScorerKind.LLM_JUDGE
+
+    def prefix_scores(self, plan: Plan) -> dict[int, float]:
+        """Read off the plan's latest recorded run (``history``): per example the last stage's first ``k`` samples, in
+        draw order, voted on as the plan runner votes and scored by the task's scorer; nothing is generated. A run
+        with ``k`` samples draws those same first ``k`` from a sample store (and, without one, ``k`` samples of the
+        same model and prompt). Empty for a plan not run in this process (a resumed study's older trials), a run that
+        stopped at its budget, and wherever ``last_stage_prefixes`` offers none."""
+        if not self.votes_over_prefixes or plan.stages[-1].stage != self.task.final_stage:
+            return {}
+        at = next((i for i in range(len(self.history) - 1, -1, -1) if self.history[i].plan.plan_id == plan.plan_id), None)
+        counts = [k for k, _ in last_stage_prefixes(plan)]
+        if at is None or not counts or any(r.stopped_at_budget for r in self.history[at].results):
+            return {}
+        memo: dict[int, dict[int, float]] = self.__dict__.setdefault("_prefix_memo", {})
+        if at not in memo:  # keyed by the run: a plan evaluated again without a sample store drew new samples
+            memo[at] = _run_sync(self._prefix_scores(self.history[at], counts))
+        return dict(memo[at])
+
+    async def _prefix_scores(self, run: PlanRun, counts: Sequence[int]) -> dict[int, float]:
+        final = self.task.final_stage
+        scores: dict[int, list[float]] = {k: [] for k in counts}
+        for example, result in zip(self.examples, run.results, strict=True):
+            if result.score is None:
+                continue  # no reference: not scored in the evaluation either
+            stage = result.stages[final]
+            samples = sorted(stage.candidates, key=lambda s: s.index)
+            for k in counts:
+                winner = vote(samples[:k])
+                stages = {**result.stages, final: replace(stage, answer=winner.answer if winner is not None else None)}
+                answer, _ = self.runner.final_answer(stages)
+                score = result.score if answer == result.answer else await self.task.scorer.score(answer, example)
+                scores[k].append(score or 0.0)
+        return {k: statistics.fmean(values) if values else 0.0 for k, values in scores.items()}
 
     def search_cost(self, plans: Sequence[Plan]) -> tuple[Cost, Cost]:
         """The i-th occurrence of a plan in ``plans`` is its i-th recorded evaluation (what it generated,

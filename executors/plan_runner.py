@@ -303,7 +303,7 @@ class PlanRunner:
             futures[name] = asyncio.ensure_future(stage_task(name))
         await gather_or_cancel(list(futures.values()))
         stages = {name: futures[name].result() for name in self.task.order}
-        answer, answered_by = self._final_answer(stages)
+        answer, answered_by = self.final_answer(stages)
         score = await self.task.scorer.score(answer, example, judge=self._judge)
         return RunResult(
             example_id=example.id,
@@ -320,7 +320,9 @@ class PlanRunner:
             reused_samples=accounts.reused,
         )
 
-    def _final_answer(self, stages: Mapping[str, StageResult]) -> tuple[str | None, str | None]:
+    def final_answer(self, stages: Mapping[str, StageResult]) -> tuple[str | None, str | None]:
+        """The run's answer and the stage it came from: the task's answer stage, else the latest fallback stage upstream
+        of it that has an answer (a run stopped at its budget before the last stage decided)."""
         final = self.task.final_stage
         if stages[final].answer is not None:
             return stages[final].answer, final

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
+from executors.backends import CompletionRequest, MockBackend
 from executors.environment import Environment, last_stage_prefixes
+from executors.live import LiveEnvironment
 from executors.replay import ReplayEnvironment
 from executors.simulated import SimulatedEnvironment
+from executors.tasks import Scorer, ScorerKind, load_task
+from graphs.cost import Budget
 from graphs.plan import Plan
+from planner.catalog import load_catalog
+from planner.storage import InMemoryStorage
+from planner.strategies import InsightStrategy
+from planner.study import create_study
+from planner.trial import TrialState
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 
 
 def sim_plan(env: SimulatedEnvironment, last: dict[str, int], early_stop: int | None = None) -> Plan:
@@ -53,3 +67,70 @@ def test_an_environment_that_does_not_keep_samples_shows_nothing(sim: SimulatedE
     assert Environment.votes_over_prefixes is False
     forgetful = Forgetful(stages=3, seed=4)
     assert forgetful.prefix_scores(sim_plan(forgetful, {"sim-3B": 16})) == {}
+
+
+# -- the live environment: read off its recorded runs ---------------------------------------------------------------
+
+
+def live_env(**kwargs) -> LiveEnvironment:
+    """The bundled qa_chain task on a fake model whose verify stage's sample ``i`` on question ``j`` is right when
+    ``(i + j) % 3 == 0`` and otherwise wrong, each wrong sample differently: a vote over 8 samples beats one over 4."""
+    task = load_task(EXAMPLES / "qa_chain" / "task.yaml")
+    position = {str(example.inputs["question"]): j for j, example in enumerate(task.examples)}
+    reference = {str(example.inputs["question"]): example.references[0] for example in task.examples}
+
+    def handler(request: CompletionRequest) -> list[str]:
+        text = request.messages[-1]["content"]
+        question = re.search(r"Question: (.*)", text).group(1)  # type: ignore[union-attr]
+        if "Final answer" not in text:
+            return ["Some notes.\nAnswer: something"] * request.n
+        j = position[question]
+        indices = range(request.offset, request.offset + request.n)
+        return [f"Final answer: {reference[question] if (i + j) % 3 == 0 else f'wrong{i}'}" for i in indices]
+
+    catalog = load_catalog(EXAMPLES / "qa_chain" / "catalog.yaml")
+    return LiveEnvironment(task, catalog, MockBackend(handler), **kwargs)
+
+
+def live_plan(n: int) -> Plan:
+    return Plan.allocation({"decompose": ("gemma", 1), "answer": ("gemma", 1), "verify": ("gemma", n)})
+
+
+def test_live_prefixes_score_what_running_that_plan_scores() -> None:
+    env = live_env()
+    assert env.votes_over_prefixes
+    assert env.prefix_scores(live_plan(8)) == {}, "nothing before the plan has run"
+    evaluation = env.evaluate(live_plan(8))
+    calls = len(env.backend.requests)  # type: ignore[attr-defined]
+    scores = env.prefix_scores(live_plan(8))
+    assert len(env.backend.requests) == calls and len(env.history) == 1, "read off the run: nothing generated or recorded"
+    assert sorted(scores) == [1, 2, 4]
+    assert len({*scores.values(), evaluation.score}) > 1, "the votes over fewer samples differ (else this test shows nothing)"
+    for k, score in scores.items():
+        assert score == pytest.approx(env.evaluate(live_plan(k)).score, abs=1e-12)
+
+
+def test_live_prefixes_need_a_plain_vote_on_the_answer_stage_and_a_scorer_without_a_judge() -> None:
+    env = live_env()
+    early = Plan.allocation({"decompose": ("gemma", 1), "answer": ("gemma", 1), "verify": ("gemma", 8)}, early_stop=3)
+    env.evaluate(early)
+    assert env.prefix_scores(early) == {}, "an early stop's vote is not a prefix's"
+    judged = env.task.model_copy(update={"scorer": Scorer(kind=ScorerKind.LLM_JUDGE, model="gemma")})
+    assert not LiveEnvironment(judged, env.catalog, env.backend).votes_over_prefixes, "a judge's calls are generation"
+
+
+def test_a_study_on_a_live_task_hands_its_strategy_the_prefix_votes() -> None:
+    env = live_env()
+    study = create_study(
+        storage=InMemoryStorage(),
+        environment=env,
+        budget=Budget(limit=1e16, unit="flops"),
+        strategy=InsightStrategy(seed=0),
+        seed=0,
+    )
+    study.optimize(3)
+    context = study.context()
+    assert context.prefix_scores is not None
+    complete = [t for t in study.trials if t.state is TrialState.COMPLETE]
+    shown = [context.prefix_scores(t.plan) for t in complete]
+    assert any(shown) and all(s == env.prefix_scores(t.plan) for s, t in zip(shown, complete, strict=True))
