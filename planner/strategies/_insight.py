@@ -23,8 +23,8 @@ Where the environment keeps an evaluation's samples (``Environment.prefix_scores
 model at ``n`` samples also shows that stage's vote over its first 1, 2, 4, ... samples, at no extra generation. The
 in-context descent compares the last stage's models at those peaks (at equal spend a model a tenth the size gets ten
 times the samples, often past where its vote peaks, and lost there to a larger model it beats at its own best
-count), the probes rank them so, and a count an evaluation showed to beat every plan run is proposed next
-(``peak``) before any move.
+count) and tries that stage's cheapest model even after a step down lost, the probes rank them so, and a count an
+evaluation showed to beat every plan run is proposed next (``peak``) before any move.
 Its moves:
 
 - grow or shrink: double or halve a node's samples; halving a node whose count a jump set (a move other
@@ -538,7 +538,10 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
     The first plan runs every stage's costliest model, the samples grown in turn while the plan fits. Then each
     stage tries, at the same spend (the most samples that cost no more than the first plan), the model halfway in
     log size between its cheapest and the current one; where that does at least as well it goes on down (halfway
-    again, then the cheapest), else the stage is done. At equal spend a small model's many votes and a large
+    again, then the cheapest), else the stage is done, but for the last stage where evaluations show its votes over
+    fewer samples (``prefix_scores``): there one trial shows a model at every count up to the spend's, and the
+    cheapest, which gains most from samples, is tried once after the loss (a model size that lost does not show that
+    a smaller one loses too). At equal spend a small model's many votes and a large
     model's few trade off, and the best size often lies between the ends, which a guess between two end probes
     never ranks first. A step waits for the step before it to be scored. ``None`` too where the study has probed
     the one-sample way already (an agent's probes, which this heuristic then searches from)."""
@@ -584,15 +587,24 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
         for index, stage in enumerate(space.stages):
             low = min(space.stage_models[stage], key=lambda m: (_log_size(context, m), m))
             high, high_plan = next(iter(counts[index])), base
+            at_peak = index == len(space.stages) - 1 and context.prefix_scores is not None
             while (model := halfway(stage, low, high)) != high:
                 plan = at_spend(index, model)
                 if plan is None:
                     break
                 yield plan, [(stage, model)]
-                at_peak = index == len(space.stages) - 1
                 mine, theirs = score_of(plan, at_peak), score_of(high_plan, at_peak)
-                if model == low or mine is None or theirs is None or mine < theirs:
-                    break  # the cheapest is reached, a score is pending, or the larger model did better
+                if model == low or mine is None or theirs is None:
+                    break  # the cheapest is reached or a score is pending
+                if mine < theirs:
+                    if not at_peak:
+                        break  # the larger model did better
+                    # On the last stage one trial shows a model's vote at every count up to the spend's (its peaks):
+                    # the cheapest gains most from samples, and losing in the middle does not show it loses too.
+                    cheapest = at_spend(index, low)
+                    if cheapest is not None:
+                        yield cheapest, [(stage, low)]
+                    break
                 high, high_plan = model, plan
 
     return steps()
