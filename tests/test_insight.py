@@ -15,6 +15,7 @@ from planner.storage import InMemoryStorage
 from planner.strategies._base import StudyContext
 from planner.strategies._insight import (
     LOSS_CAP,
+    MULTI_STAGE_FLOORS,
     PRIOR_GAIN,
     RESAMPLE_AFTER,
     InsightStrategy,
@@ -806,3 +807,21 @@ def test_a_better_count_an_evaluation_showed_on_the_way_is_proposed_as_a_peak() 
         assert peak.score == env.prefix_scores(parent.plan)[count], "it scores what the parent's samples showed"
         assert peak.score > max(t.score for t in trials if t.number < peak.number)
         assert peak.estimated_cost.flops < parent.estimated_cost.flops
+
+
+def test_where_16_samples_of_the_others_do_not_fit_beside_the_focused_model_they_get_fewer() -> None:
+    """3-stage task, seed 19, at 2%: the last stage's 70B probed 40 points above its 1B at one sample, but at 2% it
+    fits once and only beside the others' cheapest model at a few samples: the optimum is 1B x8, 1B x4, 70B x1. The
+    focused assembly tries the others at 16+, then 4+, then 1+ samples, and keeps the 70B at the first that fits."""
+    sim = SimulatedEnvironment(3, seed=19)
+    found = _study_on(sim, 0.02, 8)
+    assembled = [t for t in found if t.strategy_info.get("phase") == "assemble"]
+    last = sim.info.stages[-1]
+    focused = [t for t in assembled if t.plan.stage(last).models == ("sim-70B",)]
+    assert focused, "an assembled plan keeps the 70B on the last stage"
+    others = [node.n for stage in focused[0].plan.stages[:-1] for node in stage.nodes]
+    assert all(n < MULTI_STAGE_FLOORS[-1] for n in others) and {s.models for s in focused[0].plan.stages[:-1]} == {("sim-1B",)}
+    sim_space = SearchSpace.from_info(sim.info)
+    scale = most_expensive_single_model_cost(sim, sim_space, Budget(limit=1.0, unit=UNIT))
+    optimum = sim.optimum(Budget(limit=0.02 * scale, unit=UNIT))[1]
+    assert sim.true_score(focused[0].plan) > optimum - 0.005

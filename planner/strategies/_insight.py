@@ -743,8 +743,9 @@ def _focused_assembly(space: SearchSpace, context: StudyContext, ranking: _Ranki
     what is left grows the others, weakest first. The optimum of a tight budget is often such a plan, one large
     model at a few samples and small ones at many, which no assembly of one floor for every stage builds and no
     single move reaches from one (the other stages would change model at once); on 150 simulated settings it took
-    the regret after 20 trials from 1.58 to 1.32 points (docs/insight-heuristic-history.md, stop 24). ``None`` where
-    there is no such stage."""
+    the regret after 20 trials from 1.58 to 1.32 points (docs/insight-heuristic-history.md, stop 24). Where 16 samples
+    of the others leave no room for that model, they get 4+, then 1+ (at 2% the optimum is often the one large model
+    once, the others at 4-8 samples). ``None`` where there is no such stage."""
     if len(space.stages) < 2:
         return None
     spreads = _stage_spreads(space, ranking.probe)
@@ -754,16 +755,17 @@ def _focused_assembly(space: SearchSpace, context: StudyContext, ranking: _Ranki
     best = ranking.ranked[focus][0]
     if usual is None or any(node.model == best for node in usual.stages[focus].nodes):
         return None
-    floors = [MULTI_STAGE_FLOORS[-1]] * len(space.stages)
-    floors[focus] = 1
     cheapest = tuple(
         ranked if i == focus else tuple(sorted(ranked, key=lambda m, s=space.stages[i]: ranking.probe_cost.get((s, m), 0.0)))
         for i, ranked in enumerate(ranking.ranked)
     )
-    focused = _assemble(space, context, floors, _Ranking(cheapest, ranking.probe, ranking.probe_cost), keep=focus)
-    if focused is None or not any(node.model == best for node in focused.stages[focus].nodes):
-        return None
-    return focused
+    for floor in (MULTI_STAGE_FLOORS[-1], MULTI_STAGE_FLOORS[0], 1):
+        floors = [floor] * len(space.stages)
+        floors[focus] = 1
+        focused = _assemble(space, context, floors, _Ranking(cheapest, ranking.probe, ranking.probe_cost), keep=focus)
+        if focused is not None and any(node.model == best for node in focused.stages[focus].nodes):
+            return focused
+    return None
 
 
 def _stage_spreads(space: SearchSpace, probe: Mapping[tuple[str, str], float]) -> dict[str, float]:
