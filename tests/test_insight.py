@@ -6,6 +6,7 @@ from dataclasses import replace as with_fields
 
 import pytest
 
+from executors.environment import last_stage_prefixes
 from executors.replay import ReplayEnvironment
 from executors.simulated import SimulatedEnvironment
 from graphs.cost import Budget, Cost
@@ -825,3 +826,35 @@ def test_where_16_samples_of_the_others_do_not_fit_beside_the_focused_model_they
     scale = most_expensive_single_model_cost(sim, sim_space, Budget(limit=1.0, unit=UNIT))
     optimum = sim.optimum(Budget(limit=0.02 * scale, unit=UNIT))[1]
     assert sim.true_score(focused[0].plan) > optimum - 0.005
+
+
+def test_a_plan_an_evaluation_showed_on_the_way_is_not_run_again_by_the_search() -> None:
+    """Halving the last stage's single model gives a plan whose score the incumbent's own samples showed
+    (``prefix_scores``): a trial of it would tell nothing new, so the search counts it as tried."""
+    env = SimulatedEnvironment(2, seed=0)
+    trials = _study_on(env, 0.1, 20)
+    shown: set[str] = set()
+    for t in trials:
+        if t.strategy_info.get("phase") == "search" and t.strategy_info.get("move") != "peak":
+            assert t.plan.plan_id not in shown, f"trial {t.number} ({t.strategy_info['move']}) was known already"
+        shown |= {prefix.plan_id for _, prefix in last_stage_prefixes(t.plan)}
+
+
+def test_a_trade_weighs_what_the_last_stages_samples_showed_its_last_doubling_gained() -> None:
+    """2-stage task, seed 0, at 10%: the last stage's 70B gained points from its last doubling, as its samples show;
+    the search's first trade then gives that stage budget, where without the samples it took from it first."""
+    with_prefixes = SimulatedEnvironment(2, seed=0)
+    without = SimulatedEnvironment(2, seed=0)
+    without.votes_over_prefixes = False
+    last = with_prefixes.info.stages[-1]
+
+    def first_trade(trials: list[FrozenTrial]) -> FrozenTrial:
+        return next(t for t in trials if t.strategy_info.get("move") == "trade")
+
+    found, blind = _study_on(with_prefixes, 0.1, 20), _study_on(without, 0.1, 20)
+    _, receiver = first_trade(found).strategy_info["key"].split(":", 1)[1].split(">")
+    assert receiver == last
+    by_number = {t.number: t for t in found}
+    parent = by_number[first_trade(found).strategy_info["parent"]]
+    assert parent.plan.stage(last).nodes[0].n < first_trade(found).plan.stage(last).nodes[0].n
+    assert first_trade(blind).strategy_info["key"].split(":", 1)[1].split(">")[0] == last

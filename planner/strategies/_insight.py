@@ -24,7 +24,9 @@ model at ``n`` samples also shows that stage's vote over its first 1, 2, 4, ... 
 in-context descent compares the last stage's models at those peaks (at equal spend a model a tenth the size gets ten
 times the samples, often past where its vote peaks, and lost there to a larger model it beats at its own best
 count) and tries that stage's cheapest model even after a step down lost, the probes rank them so, and a count an
-evaluation showed to beat every plan run is proposed next (``peak``) before any move.
+evaluation showed to beat every plan run is proposed next (``peak``) before any move. The search counts every plan an
+evaluation showed as tried, and judges a trade that halves or doubles the last stage by what the samples showed of
+that (``_last_stage_doublings``).
 Its moves:
 
 - grow or shrink: double or halve a node's samples; halving a node whose count a jump set (a move other
@@ -41,7 +43,8 @@ Its moves:
   is at most half the doublings away from it (grows and checks go on from there) and generates less;
 - mix a model in at its smallest count (or paid for by fewer samples of the others), or drop one;
 - step the thinking cap to the next tighter or looser one; change the early-stop rule;
-- trade budget between two stages.
+- trade budget between two stages (where the last stage gives or takes, judged also by what its samples showed of
+  half or twice its count).
 
 Each move gets a predicted gain from what the same kind of move gained before in this study, refined by what
 it gained on the same model, rule or cap direction (each mean shrunk toward the level above, so one trial
@@ -202,7 +205,8 @@ class InsightStrategy(Strategy):
         if len(out) == n:
             return out  # the batch is full: the search's neighbourhood is not needed yet
         best_score = max(t.score or 0.0 for t in complete)
-        for score, plan, source, k in sorted(_prefix_plans(space, context), key=lambda item: (-item[0], item[3])):
+        shown = list(_prefix_plans(space, context))
+        for score, plan, source, k in sorted(shown, key=lambda item: (-item[0], item[3])):
             if len(out) == n:
                 return out
             if plan.plan_id in tried or score <= best_score + 1e-9 or not context.fits(plan):
@@ -216,6 +220,9 @@ class InsightStrategy(Strategy):
             best_score = score
         if len(out) == n:
             return out
+        # A plan an evaluation's samples showed is known: a trial of it would tell nothing new.
+        tried |= {plan.plan_id for _, plan, _, _ in shown}
+        known = {p.plan_id: s for s, p, _, _ in shown} | {t.plan_id: t.score or 0.0 for t in complete}
         gains = _resample_held_back(_observed_gains(context.trials, space), context.trials)
         incumbents = sorted(complete, key=lambda t: (-(t.score or 0.0), context.spent(t.plan), t.number))
         by_number = {t.number: t for t in context.trials}
@@ -228,11 +235,18 @@ class InsightStrategy(Strategy):
                 break
             base = tuple(space.choices_of(incumbent.plan))
             parent_share = context.spent(incumbent.plan) / context.budget.limit
+            halving, doubling = _last_stage_doublings(space, context, incumbent, base, known)
             for move in self._moves(space, base, context, _jumped(space, incumbent, by_number)):
                 plan = space.plan(move.choices)
                 if plan.plan_id in tried or not context.fits(plan):
                     continue
                 gain = _predicted_gain(gains, move)
+                if move.kind == "trade":  # what the last stage's own samples showed of its counts
+                    giver, receiver = move.detail.split(">")
+                    if giver == space.stages[-1] and halving is not None:
+                        gain += halving
+                    elif receiver == space.stages[-1] and doubling is not None:
+                        gain += doubling
                 spend = _spend_share(context, move, plan, parent_share)
                 priority = (incumbent.score or 0.0) + gain + self.spend_bonus * spend + 1e-6 * self._rng.random()
                 if plan.plan_id not in candidates or priority > candidates[plan.plan_id][0]:
@@ -460,6 +474,32 @@ class InsightStrategy(Strategy):
                 traded[other_index] = replace(base[other_index], samples=tuple({**giver, model: smaller}.items()))
                 note = f"move budget from stage {other_stage} to stage {stage}"
                 yield _Move("trade", tuple(traded), note, f"{other_stage}>{stage}")
+
+
+def _last_stage_doublings(
+    space: SearchSpace, context: StudyContext, trial: FrozenTrial, base: Sequence[StageChoice], known: Mapping[str, float]
+) -> tuple[float | None, float | None]:
+    """What halving and what doubling the last stage's single model of ``trial`` changes its score by, as far as the
+    evaluations show (``None`` where they show nothing). Halving: its vote over half the samples
+    (``Environment.prefix_scores``). Doubling: the plan with twice the samples where a trial or an evaluation's samples
+    showed it (the parent of a ``peak``), else half of what the last doubling gained (returns diminish, insight 2).
+    A trade between that stage and another is judged by them: it loses or gains this before the other stage's
+    change, which only its kind's evidence predicts."""
+    if trial.score is None or len(base[-1].samples) != 1:
+        return None, None
+    ((model, n),) = base[-1].samples
+
+    def at(count: int | None) -> float | None:
+        if count is None:
+            return None
+        return known.get(space.plan([*base[:-1], replace(base[-1], samples=((model, count),))]).plan_id)
+
+    half = at(_next(space.n_choices[model], n, -1))
+    halving = None if half is None else half - trial.score
+    double = at(_next(space.n_choices[model], n, +1))
+    if double is not None:
+        return halving, double - trial.score
+    return halving, None if halving is None else -halving / 2
 
 
 def _spend_share(context: StudyContext, move: _Move, plan: Plan, parent_share: float) -> float:
