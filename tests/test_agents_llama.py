@@ -71,9 +71,15 @@ def assert_errors_are_lines(trial: FrozenTrial) -> None:
 
 
 def test_agenttts_with_a_real_planner(llama: Any, replay: ReplayEnvironment, space: SearchSpace) -> None:
-    # one attempt per question keeps it to two calls (re-asking: the Agent-REINFORCE test, and scripted planners)
+    # one attempt per question keeps it to two calls (re-asking: the Agent-REINFORCE test, and scripted planners);
+    # a call takes a few seconds, but once took over the default 60 s with two benchmarks loading both cores
     strategy = AgentTTSStrategy(
-        seed=0, planner_model="hosted_vllm/gemma", api_base=llama.api_base, max_attempts=1, max_tokens=PLANNER_TOKENS
+        seed=0,
+        planner_model="hosted_vllm/gemma",
+        api_base=llama.api_base,
+        max_attempts=1,
+        max_tokens=PLANNER_TOKENS,
+        timeout_s=120.0,
     )
     study = study_with(InMemoryStorage(), replay, space, strategy, "agenttts-llama")
     started = time.perf_counter()
