@@ -199,7 +199,8 @@ class InsightStrategy(Strategy):
             tried.add(focused.plan_id)
             why = (
                 "assemble around one stage: the stage whose models probed furthest apart keeps its best model, "
-                f"at the most samples that fit beside the others' cheapest models at {MULTI_STAGE_FLOORS[-1]}+"
+                f"at the most samples that fit beside the others' cheapest models at {MULTI_STAGE_FLOORS[-1]}+ "
+                f"({MULTI_STAGE_FLOORS[0]}+ or 1+ where that leaves no room)"
             )
             out.append(Proposal(focused, why, {"phase": "assemble"}))
         if len(out) == n:
@@ -235,7 +236,7 @@ class InsightStrategy(Strategy):
                 break
             base = tuple(space.choices_of(incumbent.plan))
             parent_share = context.spent(incumbent.plan) / context.budget.limit
-            halving, doubling = _last_stage_doublings(space, context, incumbent, base, known)
+            halving, doubling = _last_stage_doublings(space, incumbent, base, known)
             for move in self._moves(space, base, context, _jumped(space, incumbent, by_number)):
                 plan = space.plan(move.choices)
                 if plan.plan_id in tried or not context.fits(plan):
@@ -477,7 +478,7 @@ class InsightStrategy(Strategy):
 
 
 def _last_stage_doublings(
-    space: SearchSpace, context: StudyContext, trial: FrozenTrial, base: Sequence[StageChoice], known: Mapping[str, float]
+    space: SearchSpace, trial: FrozenTrial, base: Sequence[StageChoice], known: Mapping[str, float]
 ) -> tuple[float | None, float | None]:
     """What halving and what doubling the last stage's single model of ``trial`` changes its score by, as far as the
     evaluations show (``None`` where they show nothing). Halving: its vote over half the samples
@@ -581,10 +582,10 @@ def in_context_probes(space: SearchSpace, context: StudyContext) -> Iterator[tup
     again, then the cheapest), else the stage is done, but for the last stage where evaluations show its votes over
     fewer samples (``prefix_scores``): there one trial shows a model at every count up to the spend's, and the
     cheapest, which gains most from samples, is tried once after the loss (a model size that lost does not show that
-    a smaller one loses too). At equal spend a small model's many votes and a large
-    model's few trade off, and the best size often lies between the ends, which a guess between two end probes
-    never ranks first. A step waits for the step before it to be scored. ``None`` too where the study has probed
-    the one-sample way already (an agent's probes, which this heuristic then searches from)."""
+    a smaller one loses too). At equal spend a small model's many votes and a large model's few trade off, and the
+    best size often lies between the ends, which a guess between two end probes never ranks first. A step waits for
+    the step before it to be scored. ``None`` too where the study has probed the one-sample way already (an agent's
+    probes, which this heuristic then searches from)."""
     if len(space.stages) < 2 or any(_probed(t) and not t.strategy_info.get("in_context") for t in context.trials):
         return None
     counts = _in_context_base(space, context)
