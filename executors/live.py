@@ -20,8 +20,8 @@ environments, so any strategy can search a live task:
   the plan's cost where the sample store served samples, nothing for a plan evaluated again) against
   what they would have cost without reuse; plans not evaluated yet count at their estimate.
 - ``prefix_scores(plan)``: the last stage's vote over the first 1, 2, 4, ... samples of the plan's recorded run,
-  scored as the evaluation was (where that stage gives the task's answer and no judge model scores): what running
-  the smaller plan scores, read off without a call.
+  scored as the evaluation was (where that stage gives the task's answer and a text scorer scores it, not a judge
+  model or unit tests): what running the smaller plan scores, read off without a call.
 - ``spec()`` / ``from_spec``: the task file, the catalog (a file path or the models inline), the settings
   and the sample store's location; the backend is rebuilt from the catalog (``LiteLLMBackend``, behind a
   ``CachedBackend`` when a store is given).
@@ -55,6 +55,7 @@ __all__ = ["LiveEnvironment", "PlanRun"]
 T = TypeVar("T")
 
 DEFAULT_MAX_SAMPLES = 16
+_SLOW_SCORERS = frozenset({ScorerKind.LLM_JUDGE, ScorerKind.UNIT_TESTS})
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,9 @@ class LiveEnvironment(Environment):
     @property
     def votes_over_prefixes(self) -> bool:  # type: ignore[override]
         """The last stage's vote over fewer samples can be read off a run where that stage gives the task's answer and
-        answers are scored without a judge model (a judge's calls would be new, unmetered generation)."""
-        return self.task.final_stage == self.task.order[-1] and self.task.scorer.kind is not ScorerKind.LLM_JUDGE
+        a text scorer scores it: a judge model's calls would be new, unmetered generation, and unit tests would run
+        code for every new answer inside a planner step."""
+        return self.task.final_stage == self.task.order[-1] and self.task.scorer.kind not in _SLOW_SCORERS
 
     def prefix_scores(self, plan: Plan) -> dict[int, float]:
         """Read off the plan's latest recorded run (``history``): per example the last stage's first ``k`` samples, in

@@ -110,13 +110,15 @@ def test_live_prefixes_score_what_running_that_plan_scores() -> None:
         assert score == pytest.approx(env.evaluate(live_plan(k)).score, abs=1e-12)
 
 
-def test_live_prefixes_need_a_plain_vote_on_the_answer_stage_and_a_scorer_without_a_judge() -> None:
+def test_live_prefixes_need_a_plain_vote_on_the_answer_stage_and_a_text_scorer() -> None:
     env = live_env()
     early = Plan.allocation({"decompose": ("gemma", 1), "answer": ("gemma", 1), "verify": ("gemma", 8)}, early_stop=3)
     env.evaluate(early)
     assert env.prefix_scores(early) == {}, "an early stop's vote is not a prefix's"
     judged = env.task.model_copy(update={"scorer": Scorer(kind=ScorerKind.LLM_JUDGE, model="gemma")})
     assert not LiveEnvironment(judged, env.catalog, env.backend).votes_over_prefixes, "a judge's calls are generation"
+    tested = env.task.model_copy(update={"scorer": Scorer(kind=ScorerKind.UNIT_TESTS)})
+    assert not LiveEnvironment(tested, env.catalog, env.backend).votes_over_prefixes, "unit tests run code per answer"
 
 
 def test_a_study_on_a_live_task_hands_its_strategy_the_prefix_votes() -> None:
