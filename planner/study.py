@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from executors import environment_from_spec
@@ -94,15 +94,28 @@ class Study:
         return [complete[i] for i in pareto_front(points)]
 
     def context(self, trials: Sequence[FrozenTrial] | None = None) -> StudyContext:
+        known = tuple(self.trials if trials is None else trials)
         return StudyContext(
             space=self.space,
             budget=self.budget,
             info=self.environment.info,
             estimate_cost=self.environment.estimate_cost,
-            trials=tuple(self.trials if trials is None else trials),
+            trials=known,
             seed=self.record.seed,
-            prefix_scores=self.environment.prefix_scores if self.environment.votes_over_prefixes else None,
+            prefix_scores=self._prefix_scores(known) if self.environment.votes_over_prefixes else None,
         )
+
+    def _prefix_scores(self, trials: Sequence[FrozenTrial]) -> Callable[[Plan], Mapping[int, float]]:
+        """Each trial's prefix votes as stored with it (where it was evaluated: a worker, an earlier process), else
+        as the environment shows them."""
+        stored = {t.plan_id: t.prefix_scores for t in trials if t.prefix_scores}
+        environment = self.environment
+
+        def shown(plan: Plan) -> Mapping[int, float]:
+            found = stored.get(plan.plan_id)
+            return dict(found) if found is not None else environment.prefix_scores(plan)
+
+        return shown
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Like optuna's ``FrozenTrial``: a record never changes once returned; a finished 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -70,6 +71,9 @@ class FrozenTrial:
     scores: tuple[float, ...] = ()
     cost: Cost | None = None
     """Realised cost per example."""
+    prefix_scores: Mapping[int, float] = field(default_factory=dict)
+    """What the evaluation showed of the plan's last stage at fewer samples (``Environment.prefix_scores``), kept where
+    it was evaluated: a worker's or an earlier process's runs are not in the study process's environment."""
     planner_cost: Cost = field(default_factory=Cost)
     """What the planner LLM spent to propose this trial."""
     error: str | None = None

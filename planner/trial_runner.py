@@ -49,9 +49,22 @@ def run_trial(storage: BaseStorage, environment: Environment, trial_id: int) -> 
             spread=evaluation.spread,
             scores=evaluation.scores,
             cost=evaluation.cost,
+            prefix_scores=_shown(environment, trial),
         )
     except RuntimeError:  # finished meanwhile by another worker: keep the first result
         return storage.get_trial(trial_id)
+
+
+def _shown(environment: Environment, trial: FrozenTrial) -> dict[int, float]:
+    """What the evaluation just run showed of the last stage at fewer samples, read here, where its samples are (a
+    worker's live runs are not in the study process); nothing where that fails: the trial's score stands."""
+    if not environment.votes_over_prefixes:
+        return {}
+    try:
+        return dict(environment.prefix_scores(trial.plan))
+    except Exception as exc:  # an extra, never a reason to lose the evaluation
+        log.warning("trial %d: its prefix votes could not be read: %s", trial.number, exc)
+        return {}
 
 
 class TrialRunner(abc.ABC):

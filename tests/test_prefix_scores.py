@@ -20,6 +20,7 @@ from planner.storage import InMemoryStorage
 from planner.strategies import InsightStrategy
 from planner.study import create_study
 from planner.trial import TrialState
+from planner.trial_runner import InProcessRunner
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 
@@ -136,3 +137,21 @@ def test_a_study_on_a_live_task_hands_its_strategy_the_prefix_votes() -> None:
     complete = [t for t in study.trials if t.state is TrialState.COMPLETE]
     shown = [context.prefix_scores(t.plan) for t in complete]
     assert any(shown) and all(s == env.prefix_scores(t.plan) for s, t in zip(shown, complete, strict=True))
+
+
+def test_a_trial_keeps_the_votes_its_evaluation_showed_for_a_study_whose_environment_never_ran_it() -> None:
+    """A worker (here: a runner with its own environment) evaluates the trial; the study's own live environment never
+    ran the plan and shows nothing, yet the study hands its strategy the votes stored with the trial."""
+    studying, working = live_env(), live_env()
+    study = create_study(
+        storage=InMemoryStorage(), environment=studying, budget=Budget(limit=1e16, unit="flops"), strategy=InsightStrategy(0)
+    )
+    study.optimize(2, runner=InProcessRunner(study.storage, working))
+    assert studying.history == [] and len(working.history) == 2
+    trials = [t for t in study.trials if t.state is TrialState.COMPLETE]
+    assert trials and all(t.prefix_scores == working.prefix_scores(t.plan) for t in trials)
+    assert any(t.prefix_scores for t in trials), "the plan's last stage ran several samples"
+    context = study.context()
+    assert context.prefix_scores is not None
+    for t in trials:
+        assert studying.prefix_scores(t.plan) == {} and context.prefix_scores(t.plan) == t.prefix_scores

@@ -184,8 +184,10 @@ class StorageTestCase:
             spread=0.05,
             scores=[1.0, 0.0, 1.0],
             cost=Cost(flops=2e12, prompt_tokens=310, output_tokens=99, usd=0.002),
+            prefix_scores={1: 0.61, 2: 0.66, 4: 0.7},
         )
         assert finished.state is TrialState.COMPLETE
+        assert finished.prefix_scores == {1: 0.61, 2: 0.66, 4: 0.7} and created.prefix_scores == {}
         assert finished.score == pytest.approx(0.72)
         assert finished.spread == pytest.approx(0.05)
         assert finished.scores == (1.0, 0.0, 1.0)
@@ -315,7 +317,13 @@ class StorageTestCase:
         with pytest.raises(ValueError):
             storage.create_trial(study.study_id, plan=_plan(), estimated_cost=Cost(), strategy_info={"x": {1, 2}})
         trial = storage.create_trial(study.study_id, plan=_plan(), estimated_cost=Cost())
-        for bad in ({"score": float("nan")}, {"scores": [1.0, float("inf")]}, {"spread": float("-inf")}):
+        for bad in (
+            {"score": float("nan")},
+            {"scores": [1.0, float("inf")]},
+            {"spread": float("-inf")},
+            {"prefix_scores": {2: float("nan")}},
+            {"prefix_scores": {0: 0.5}},
+        ):
             with pytest.raises(ValueError):
                 storage.finish_trial(trial.trial_id, state=TrialState.COMPLETE, **bad)  # type: ignore[arg-type]
         assert storage.get_trial(trial.trial_id).state is TrialState.RUNNING

@@ -19,7 +19,7 @@ default, PostgreSQL by URL; schema owned by Alembic). Guarantees every implement
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,7 @@ class BaseStorage(abc.ABC):
         scores: Iterable[float] = (),
         cost: Cost | None = None,
         error: str | None = None,
+        prefix_scores: Mapping[int, float] | None = None,
     ) -> FrozenTrial:
         """Finish a WAITING or RUNNING trial as COMPLETE or FAIL. Raises ``RuntimeError`` if it is
         already finished and ``KeyError`` if unknown."""

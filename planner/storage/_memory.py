@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import string
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +18,7 @@ from graphs.cost import Budget, Cost
 from graphs.plan import Plan
 from planner.graph_record import GraphVersion
 from planner.storage._base import BaseStorage, DuplicateStudy, SampleRecord
-from planner.storage.tables import finite_scores, strict_json, utcnow
+from planner.storage.tables import finite_prefix_scores, finite_scores, strict_json, utcnow
 from planner.trial import FrozenTrial, StudyRecord, TrialState
 
 __all__ = ["InMemoryStorage"]
@@ -44,7 +44,7 @@ def _version_out(version: GraphVersion) -> GraphVersion:
 
 def _trial_out(trial: FrozenTrial) -> FrozenTrial:
     """A copy whose ``strategy_info`` the caller may mutate; plans and costs are immutable values."""
-    return replace(trial, strategy_info=copy.deepcopy(trial.strategy_info))
+    return replace(trial, strategy_info=copy.deepcopy(trial.strategy_info), prefix_scores=dict(trial.prefix_scores))
 
 
 class InMemoryStorage(BaseStorage):
@@ -174,11 +174,13 @@ class InMemoryStorage(BaseStorage):
         scores: Iterable[float] = (),
         cost: Cost | None = None,
         error: str | None = None,
+        prefix_scores: Mapping[int, float] | None = None,
     ) -> FrozenTrial:
         state = TrialState(state)
         if not state.is_finished:
             raise ValueError(f"a trial finishes as complete, fail or rejected, not {state}")
         values = finite_scores(score, spread, scores)
+        shown = finite_prefix_scores(prefix_scores)
         with self._lock:
             trial = self._trial(trial_id)
             if trial.state.is_finished:
@@ -191,6 +193,7 @@ class InMemoryStorage(BaseStorage):
                 scores=values,
                 cost=cost,
                 error=error,
+                prefix_scores=shown,
                 finished_at=utcnow(),
             )
             self._trials[trial_id] = trial

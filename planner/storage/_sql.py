@@ -23,7 +23,7 @@ from __future__ import annotations
 import string
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
@@ -55,6 +55,7 @@ from planner.storage.tables import (
     SampleRow,
     StudyRow,
     TrialRow,
+    finite_prefix_scores,
     finite_scores,
     strict_json,
     utcnow,
@@ -166,6 +167,7 @@ def _frozen_trial(row: TrialRow, plan_text: str) -> FrozenTrial:
         spread=row.spread,
         scores=tuple(float(value) for value in row.scores or ()),
         cost=_cost(row.flops, row.prompt_tokens, row.output_tokens, row.usd),
+        prefix_scores={int(k): float(v) for k, v in (row.prefix_scores or {}).items()},
         planner_cost=planner or Cost(),
         error=row.error,
         started_at=row.started_at,
@@ -367,16 +369,19 @@ class SQLStorage(BaseStorage):
         scores: Iterable[float] = (),
         cost: Cost | None = None,
         error: str | None = None,
+        prefix_scores: Mapping[int, float] | None = None,
     ) -> FrozenTrial:
         state = TrialState(state)
         if not state.is_finished:
             raise ValueError(f"a trial finishes as complete, fail or rejected, not {state}")
         checked = finite_scores(score, spread, scores)
+        shown = finite_prefix_scores(prefix_scores)
         values: dict[str, Any] = {
             "state": state.value,
             "score": None if score is None else float(score),
             "spread": None if spread is None else float(spread),
             "scores": list(checked),
+            "prefix_scores": {str(k): v for k, v in shown.items()} or None,
             "flops": None if cost is None else cost.flops,
             "prompt_tokens": None if cost is None else cost.prompt_tokens,
             "output_tokens": None if cost is None else cost.output_tokens,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +60,7 @@ __all__ = [
     "TokenRow",
     "TrialRow",
     "UTCDateTime",
+    "finite_prefix_scores",
     "finite_scores",
     "metadata",
     "strict_json",
@@ -106,6 +107,15 @@ def finite_scores(score: float | None, spread: float | None, scores: Iterable[fl
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}: record a failure as FAIL instead")
     return values
+
+
+def finite_prefix_scores(prefix_scores: Mapping[int, float] | None) -> dict[int, float]:
+    """Check a trial's prefix votes (sample count -> score) before storing them; returns them as ints and floats."""
+    shown = {int(k): float(v) for k, v in (prefix_scores or {}).items()}
+    for count, value in shown.items():
+        if count < 1 or not math.isfinite(value):
+            raise ValueError(f"prefix_scores must map sample counts >= 1 to finite scores, got {count}: {value}")
+    return shown
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -220,6 +230,8 @@ class TrialRow(AllotTable, table=True):
     score: float | None = Field(default=None, sa_type=Float)
     spread: float | None = Field(default=None, sa_type=Float)
     scores: list[float] = Field(default_factory=list, sa_column=_json())
+    prefix_scores: dict[str, float] | None = Field(default=None, sa_column=_json(nullable=True))
+    """Sample count -> score of the last stage voting over that many of its samples (``FrozenTrial.prefix_scores``)."""
     flops: float | None = Field(default=None, sa_type=Float)
     prompt_tokens: float | None = Field(default=None, sa_type=Float)
     output_tokens: float | None = Field(default=None, sa_type=Float)
