@@ -493,7 +493,7 @@ def _last_stage_doublings(
     def at(count: int | None) -> float | None:
         if count is None:
             return None
-        return known.get(space.plan([*base[:-1], replace(base[-1], samples=((model, count),))]).plan_id)
+        return known.get(_last_stage_at(space, base, model, count).plan_id)
 
     half = at(_next(space.n_choices[model], n, -1))
     halving = None if half is None else half - trial.score
@@ -1019,7 +1019,13 @@ def _prefix_plans(space: SearchSpace, context: StudyContext) -> Iterator[tuple[f
         ((model, _),) = last.samples
         for k, score in scores.items():
             if k in space.n_choices[model]:
-                yield score, space.plan([*choices[:-1], replace(last, samples=((model, k),))]), trial, k
+                yield score, _last_stage_at(space, choices, model, k), trial, k
+
+
+def _last_stage_at(space: SearchSpace, choices: Sequence[StageChoice], model: str, count: int) -> Plan:
+    """``choices`` with the last stage's single ``model`` at ``count`` samples: the one way the plans an evaluation
+    showed are built, so that their ids match wherever they are looked up."""
+    return space.plan([*choices[:-1], replace(choices[-1], samples=((model, count),))])
 
 
 def _scored_probes(context: StudyContext) -> Iterator[FrozenTrial]:
