@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace as with_fields
+from itertools import pairwise
 
 import pytest
 
@@ -16,6 +17,7 @@ from planner.storage import InMemoryStorage
 from planner.strategies._base import StudyContext
 from planner.strategies._insight import (
     LOSS_CAP,
+    MODEL_EVERY,
     MULTI_STAGE_FLOORS,
     PRIOR_GAIN,
     RESAMPLE_AFTER,
@@ -732,13 +734,14 @@ def test_the_focused_assembly_keeps_the_widest_stages_best_model_where_the_usual
     assert _focused_assembly(sim_space, roomy, roomy_ranking, kept) is None
 
 
-def _study_on(env: SimulatedEnvironment, fraction: float, trials: int) -> list[FrozenTrial]:
+def _study_on(
+    env: SimulatedEnvironment, fraction: float, trials: int, strategy: InsightStrategy | None = None
+) -> list[FrozenTrial]:
     sim_space = SearchSpace.from_info(env.info)
     scale = most_expensive_single_model_cost(env, sim_space, Budget(limit=1.0, unit=UNIT))
     budget = Budget(limit=fraction * scale, unit=UNIT)
-    study = create_study(
-        storage=InMemoryStorage(), environment=env, budget=budget, strategy=InsightStrategy(0), seed=0, space=sim_space
-    )
+    strategy = InsightStrategy(0) if strategy is None else strategy
+    study = create_study(storage=InMemoryStorage(), environment=env, budget=budget, strategy=strategy, seed=0, space=sim_space)
     study.optimize(trials)
     assert all(budget.allows(t.estimated_cost) for t in study.trials)
     return [t for t in study.trials if t.state is TrialState.COMPLETE]
@@ -842,7 +845,8 @@ def test_a_plan_an_evaluation_showed_on_the_way_is_not_run_again_by_the_search()
 
 def test_a_trade_weighs_what_the_last_stages_samples_showed_its_last_doubling_gained() -> None:
     """2-stage task, seed 0, at 10%: the last stage's 70B gained points from its last doubling, as its samples show;
-    the search's first trade then gives that stage budget, where without the samples it took from it first."""
+    the search's first trade then gives that stage budget, where without the samples it took from it first. (Without
+    the model's moves, which there find the optimum before any trade.)"""
     with_prefixes = SimulatedEnvironment(2, seed=0)
     without = SimulatedEnvironment(2, seed=0)
     without.votes_over_prefixes = False
@@ -851,10 +855,89 @@ def test_a_trade_weighs_what_the_last_stages_samples_showed_its_last_doubling_ga
     def first_trade(trials: list[FrozenTrial]) -> FrozenTrial:
         return next(t for t in trials if t.strategy_info.get("move") == "trade")
 
-    found, blind = _study_on(with_prefixes, 0.1, 20), _study_on(without, 0.1, 20)
+    found = _study_on(with_prefixes, 0.1, 20, InsightStrategy(0, model_every=0))
+    blind = _study_on(without, 0.1, 20, InsightStrategy(0, model_every=0))
     _, receiver = first_trade(found).strategy_info["key"].split(":", 1)[1].split(">")
     assert receiver == last
     by_number = {t.number: t for t in found}
     parent = by_number[first_trade(found).strategy_info["parent"]]
     assert parent.plan.stage(last).nodes[0].n < first_trade(found).plan.stage(last).nodes[0].n
     assert first_trade(blind).strategy_info["key"].split(":", 1)[1].split(">")[0] == last
+
+
+def test_the_model_move_joins_stage_choices_that_did_well_in_different_trials() -> None:
+    """Each stage's large model did well in a trial where the other stage ran small: no one-stage move from either
+    reaches the plan running both, a stage-additive fit of the trials proposes it at once."""
+    env = SimulatedEnvironment(2, seed=3)
+    sim_space = SearchSpace.from_info(env.info)
+    first, second = sim_space.stages
+    small = {s: min(sim_space.stage_models[s], key=lambda m: env.info.models[m].active_params) for s in sim_space.stages}
+    large = {s: max(sim_space.stage_models[s], key=lambda m: env.info.models[m].active_params) for s in sim_space.stages}
+
+    def plan(a: tuple[str, int], b: tuple[str, int]):  # type: ignore[no-untyped-def]
+        return sim_space.plan([StageChoice((a,)), StageChoice((b,))])
+
+    both_large = plan((large[first], 4), (large[second], 4))
+    budget = Budget(limit=env.estimate_cost(both_large).flops * 1.01, unit="flops")
+    trials = [
+        trial(0, plan((small[first], 4), (small[second], 4)), 0.30, {"phase": "probe", "stage": first, "model": small[first]}),
+        trial(1, plan((large[first], 4), (small[second], 4)), 0.50, {"phase": "probe", "stage": first, "model": large[first]}),
+        trial(2, plan((small[first], 4), (large[second], 4)), 0.52, {"phase": "assemble"}),
+    ]
+    ctx = StudyContext(sim_space, budget, env.info, env.estimate_cost, tuple(trials), 0)
+    strategy = InsightStrategy(0)
+    found = strategy._modelled(sim_space, ctx, trials, [], {t.plan_id for t in trials}, best_score=0.52)
+    assert found is not None
+    proposed, predicted = found
+    assert [stage.models for stage in proposed.stages] == [(large[first],), (large[second],)]
+    assert predicted > 0.52 and ctx.fits(proposed)
+    assert all(node.n in (2, 4, 8) for stage in proposed.stages for node in stage.nodes), "within a doubling of 4"
+    # a fit that predicts nothing above the best so far proposes nothing
+    assert strategy._modelled(sim_space, ctx, trials, [], {t.plan_id for t in trials}, best_score=0.99) is None
+    # nor does it before any assembled plan or search move
+    early = [with_fields(t, strategy_info={"phase": "probe"}) for t in trials]
+    early_ctx = StudyContext(sim_space, budget, env.info, env.estimate_cost, tuple(early), 0)
+    assert strategy._modelled(sim_space, early_ctx, early, [], {t.plan_id for t in early}, best_score=0.52) is None
+
+
+def test_model_moves_stay_near_what_ran_within_budget_and_one_in_three_trials() -> None:
+    env = SimulatedEnvironment(3, seed=7)
+    trials = _study_on(env, 0.1, 20)
+    modelled = [t for t in trials if t.strategy_info.get("move") == "model"]
+    assert modelled, "the study proposes the model's plans"
+    assert all(b.number - a.number >= MODEL_EVERY for a, b in pairwise(modelled))
+    for move in modelled:
+        before = [t for t in trials if t.number < move.number]
+        assert move.plan.plan_id not in {t.plan_id for t in before}
+        for index, stage in enumerate(move.plan.stages):
+            node = stage.nodes[0]
+            ran = [s.nodes[0].n for t in before for s in [t.plan.stages[index]] if s.nodes[0].model == node.model]
+            if index == len(move.plan.stages) - 1:  # the last stage's smaller counts were shown by the samples
+                assert ran and node.n <= 2 * max(ran)
+            else:
+                assert any(n // 2 <= node.n <= 2 * n for n in ran), f"{node.model} x{node.n} on stage {index} is new"
+
+
+def test_the_model_move_finds_the_plan_whose_stages_ran_well_apart() -> None:
+    """3-stage task, seed 7, at a tenth of the costliest plan: the optimum runs the 8B on the first stage and the 70B on
+    the others. The in-context probes ran the 8B on the first stage beside the 70B on the others, at 32 samples and
+    in the plan with the 70B at 2 samples on the last stage; no plan combining the best of what each stage showed
+    ran, and without the model the search stays 7 points short through 20 trials. With it, within half a point by
+    the 12th."""
+    env = SimulatedEnvironment(3, seed=7)
+    sim_space = SearchSpace.from_info(env.info)
+    scale = most_expensive_single_model_cost(env, sim_space, Budget(limit=1.0, unit=UNIT))
+    _, optimum = env.optimum(Budget(limit=0.1 * scale, unit=UNIT))
+    found = _study_on(env, 0.1, 12)
+    blind = _study_on(env, 0.1, 20, InsightStrategy(0, model_every=0))
+    assert max(env.true_score(t.plan) for t in found) > optimum - 0.005
+    assert max(env.true_score(t.plan) for t in blind) < optimum - 0.05
+    assert any(t.strategy_info.get("move") == "model" for t in found)
+
+
+def test_without_model_moves_none_is_proposed_and_the_setting_is_a_stored_parameter() -> None:
+    env = SimulatedEnvironment(3, seed=7)
+    trials = _study_on(env, 0.1, 14, InsightStrategy(0, model_every=0))
+    assert not [t for t in trials if t.strategy_info.get("move") == "model"]
+    assert InsightStrategy(0, model_every=0).params()["model_every"] == 0
+    assert InsightStrategy(0).params()["model_every"] == MODEL_EVERY
