@@ -31,7 +31,7 @@ from planner.strategies._insight import (
     _spend_share,
     in_context_probes,
 )
-from planner.study import create_study
+from planner.study import create_study, load_study
 from planner.trial import FrozenTrial, TrialState
 
 
@@ -941,3 +941,29 @@ def test_without_model_moves_none_is_proposed_and_the_setting_is_a_stored_parame
     assert not [t for t in trials if t.strategy_info.get("move") == "model"]
     assert InsightStrategy(0, model_every=0).params()["model_every"] == 0
     assert InsightStrategy(0).params()["model_every"] == MODEL_EVERY
+
+
+def test_a_study_with_model_moves_resumes_where_it_stopped() -> None:
+    """The model is refitted from the stored trials at every step: a study resumed in a new strategy instance goes on
+    exactly as one never stopped, its model moves included (and a stored ``model_every`` comes back)."""
+    env = SimulatedEnvironment(3, seed=7)
+    sim_space = SearchSpace.from_info(env.info)
+    scale = most_expensive_single_model_cost(env, sim_space, Budget(limit=1.0, unit=UNIT))
+    budget = Budget(limit=0.1 * scale, unit=UNIT)
+
+    def start(storage: InMemoryStorage, name: str, every: int):  # type: ignore[no-untyped-def]
+        strategy = InsightStrategy(0, model_every=every)
+        return create_study(
+            storage=storage, environment=env, budget=budget, strategy=strategy, seed=0, name=name, space=sim_space
+        )
+
+    straight = start(InMemoryStorage(), "straight", MODEL_EVERY)
+    straight.optimize(16)
+    storage = InMemoryStorage()
+    start(storage, "halves", MODEL_EVERY).optimize(9)
+    resumed = load_study("halves", storage, environment=env)
+    resumed.optimize(7)
+    assert [t.plan_id for t in resumed.trials] == [t.plan_id for t in straight.trials]
+    assert any(t.strategy_info.get("move") == "model" for t in resumed.trials[9:])
+    start(storage, "sparse", 5).optimize(1)
+    assert load_study("sparse", storage, environment=env).strategy.params()["model_every"] == 5
