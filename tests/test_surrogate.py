@@ -11,7 +11,7 @@ import pytest
 
 from executors.simulated import SimulatedEnvironment
 from planner.space import SearchSpace, StageChoice
-from planner.strategies._surrogate import StageAdditiveModel, _Layout, best_choices, fit_stage_additive
+from planner.strategies._surrogate import FeatureLayout, StageAdditiveModel, best_choices, fit_stage_additive
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def sizes(space: SearchSpace) -> dict[str, float]:
 
 def truth(space: SearchSpace, seed: int) -> StageAdditiveModel:
     """An additive model with random weights: scores that the fitted form can represent exactly."""
-    layout = _Layout.of(space, sizes(space))
+    layout = FeatureLayout(space, sizes(space))
     rng = np.random.default_rng(seed)
     weights = rng.normal(0.0, 0.2, layout.width)
     for at in layout.offsets:
@@ -42,7 +42,7 @@ def test_the_fit_recovers_the_ranking_of_an_additive_truth(space: SearchSpace) -
     true = truth(space, seed=0)
     rng = random.Random(0)
     train = [random_choices(space, rng) for _ in range(150)]
-    fitted = fit_stage_additive(space, sizes(space), [(c, true.predict(c)) for c in train])
+    fitted = fit_stage_additive(FeatureLayout(space, sizes(space)), [(c, true.predict(c)) for c in train])
     assert fitted is not None
     test = [random_choices(space, rng) for _ in range(300)]
     predicted = np.array([fitted.predict(c) for c in test])
@@ -60,7 +60,7 @@ def test_a_stage_measured_through_weak_others_is_still_ranked(space: SearchSpace
     better = [StageChoice(((strong_model, 1),)), *weak[1:]]
     other = [weak[0], StageChoice(((space.stage_models[second][-1], 1),)), *weak[2:]]
     observations = [(weak, 0.10), (better, 0.20), (other, 0.10)]
-    fitted = fit_stage_additive(space, sizes(space), observations)
+    fitted = fit_stage_additive(FeatureLayout(space, sizes(space)), observations)
     assert fitted is not None
     assert fitted.predict(better) > fitted.predict(weak) + 0.05
     combined_with_strong = [better[0], *weak[1:-1], StageChoice(((space.stage_models[space.stages[-1]][-1], 1),))]
@@ -70,10 +70,10 @@ def test_a_stage_measured_through_weak_others_is_still_ranked(space: SearchSpace
 
 def test_no_fit_from_fewer_than_two_observations_and_extreme_scores_stay_finite(space: SearchSpace) -> None:
     plan = random_choices(space, random.Random(1))
-    assert fit_stage_additive(space, sizes(space), []) is None
-    assert fit_stage_additive(space, sizes(space), [(plan, 0.5)]) is None
+    assert fit_stage_additive(FeatureLayout(space, sizes(space)), []) is None
+    assert fit_stage_additive(FeatureLayout(space, sizes(space)), [(plan, 0.5)]) is None
     other = random_choices(space, random.Random(2))
-    fitted = fit_stage_additive(space, sizes(space), [(plan, 0.0), (other, 1.0)])
+    fitted = fit_stage_additive(FeatureLayout(space, sizes(space)), [(plan, 0.0), (other, 1.0)])
     assert fitted is not None and np.all(np.isfinite(fitted.weights))
     assert 0.0 < fitted.predict(plan) < fitted.predict(other) < 1.0
 

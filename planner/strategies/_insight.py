@@ -72,7 +72,7 @@ from graphs.errors import AllotError
 from graphs.plan import Plan
 from planner.space import SearchSpace, StageChoice
 from planner.strategies._base import Proposal, Strategy, StudyContext
-from planner.strategies._surrogate import best_choices, fit_stage_additive
+from planner.strategies._surrogate import FeatureLayout, best_choices, fit_stage_additive
 from planner.trial import FrozenTrial, TrialState
 
 __all__ = ["InsightStrategy", "assembly_floors", "in_context_probes", "probes_every_model"]
@@ -174,7 +174,7 @@ class InsightStrategy(Strategy):
         self.spend_bonus = spend_bonus
         self.model_every = int(model_every)
         """0: no model moves."""
-        self._stage_costs: dict[tuple[int, float, str], tuple[list[list[tuple[StageChoice, float]]], float]] = {}
+        self._stage_costs: dict[tuple[int, float, str], tuple[list[list[tuple[StageChoice, float]]], float, FeatureLayout]] = {}
         super().__init__(seed)
 
     def params(self) -> dict[str, float]:
@@ -332,11 +332,10 @@ class InsightStrategy(Strategy):
             except (KeyError, ValueError, AllotError):
                 continue  # not a plan of this space (an agent's graph)
         observations += [(space.choices_of(plan), score) for score, plan, _, _ in shown]
-        sizes = {m: _log_size(context, m) for stage in space.stages for m in space.stage_models[stage]}
-        model = fit_stage_additive(space, sizes, observations)
+        options, limit, layout = self._stage_options(space, context)
+        model = fit_stage_additive(layout, observations)
         if model is None:
             return None
-        options, limit = self._stage_options(space, context)
         ran: dict[tuple[int, str], set[int]] = {}
         for choices, _ in observations:
             for index, choice in enumerate(choices):
@@ -357,10 +356,12 @@ class InsightStrategy(Strategy):
             return (plan, predicted) if predicted > best_score else None
         return None
 
-    def _stage_options(self, space: SearchSpace, context: StudyContext) -> tuple[list[list[tuple[StageChoice, float]]], float]:
-        """Every stage's choices with their cost (budget units) beside the other stages at their cheapest, and the
-        budget left for the stages' costs over that cheapest plan: a plan's cost is the cheapest plan's plus each
-        stage's excess. Computed once per study (a strategy serves one)."""
+    def _stage_options(
+        self, space: SearchSpace, context: StudyContext
+    ) -> tuple[list[list[tuple[StageChoice, float]]], float, FeatureLayout]:
+        """Every stage's choices with their cost (budget units) beside the other stages at their cheapest, the budget
+        left for the stages' costs over that cheapest plan (a plan's cost is the cheapest plan's plus each stage's
+        excess), and the model's features of the space. Computed once per study (a strategy serves one)."""
         key = (id(space), context.budget.limit, str(context.budget.unit))
         if key not in self._stage_costs:
             anchor = [_cheapest_fitting(space, s, context) for s in space.stages]
@@ -373,7 +374,8 @@ class InsightStrategy(Strategy):
                     if math.isfinite(excess):
                         costed.append((choice, excess))
                 options.append(costed)
-            self._stage_costs[key] = (options, context.budget.limit - floor)
+            sizes = {m: _log_size(context, m) for stage in space.stages for m in space.stage_models[stage]}
+            self._stage_costs[key] = (options, context.budget.limit - floor, FeatureLayout(space, sizes))
         return self._stage_costs[key]
 
     def _probes(self, context: StudyContext) -> Iterator[tuple[Plan, list[tuple[str, str]]]]:

@@ -18,14 +18,14 @@ enumerating the space. Pure numpy, no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from planner.space import SearchSpace, StageChoice
 
-__all__ = ["StageAdditiveModel", "best_choices", "fit_stage_additive"]
+__all__ = ["FeatureLayout", "StageAdditiveModel", "best_choices", "fit_stage_additive"]
 
 SHARED_PRIOR = 2.0
 """Prior standard deviation (log-odds) of a stage's shared shape: its slopes in samples, size and their product."""
@@ -47,22 +47,20 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where each stage's features sit in the weight vector (position 0 is the intercept)."""
+class FeatureLayout:
+    """Where each stage's features sit in the weight vector (position 0 is the intercept), and each stage choice's
+    features, computed once: a study asks for the same choices at every step."""
 
-    space: SearchSpace
-    sizes: dict[str, float]
-    offsets: tuple[int, ...]
-    width: int
-
-    @classmethod
-    def of(cls, space: SearchSpace, sizes: dict[str, float]) -> _Layout:
+    def __init__(self, space: SearchSpace, sizes: Mapping[str, float]) -> None:
+        self.space = space
+        self.sizes = dict(sizes)
         offsets, at = [], 1
         for stage in space.stages:
             offsets.append(at)
             at += 4 + 2 * len(space.stage_models[stage]) + len(space.caps) + len(space.early_stop)
-        return cls(space, sizes, tuple(offsets), at)
+        self.offsets = tuple(offsets)
+        self.width = at
+        self._features: dict[tuple[int, StageChoice], np.ndarray] = {}
 
     def prior_variances(self) -> np.ndarray:
         var = np.empty(self.width)
@@ -76,34 +74,35 @@ class _Layout:
             var[at + 4 + 2 * models : end] = RULE_PRIOR**2
         return var
 
-    def stage_features(self, index: int, choice: StageChoice) -> list[tuple[int, float]]:
-        """(position, value) pairs of one stage's choice."""
+    def stage_features(self, index: int, choice: StageChoice) -> np.ndarray:
+        """One stage's choice as a full-width feature vector (zero outside the stage's block)."""
+        key = (index, choice)
+        features = self._features.get(key)
+        if features is None:
+            features = self._features[key] = self._compute(index, choice)
+        return features
+
+    def _compute(self, index: int, choice: StageChoice) -> np.ndarray:
         models = self.space.stage_models[self.space.stages[index]]
         centre = sum(self.sizes[m] for m in models) / len(models)
         at = self.offsets[index]
         total = sum(n for _, n in choice.samples)
-        out: list[tuple[int, float]] = []
+        out = np.zeros(self.width)
         for model, n in choice.samples:
             share, x, z, j = n / total, math.log2(n), self.sizes[model] - centre, models.index(model)
-            out += [
-                (at, share * x),
-                (at + 1, share * z),
-                (at + 2, share * x * z),
-                (at + 3, share * x * x),
-                (at + 4 + j, share),
-                (at + 4 + len(models) + j, share * x),
-            ]
+            out[at : at + 4] += share * np.array([x, z, x * z, x * x])
+            out[at + 4 + j] += share
+            out[at + 4 + len(models) + j] += share * x
         rules = at + 4 + 2 * len(models)
-        out.append((rules + self.space.caps.index(choice.cap), 1.0))
-        out.append((rules + len(self.space.caps) + self.space.early_stop.index(choice.early_stop), 1.0))
+        out[rules + self.space.caps.index(choice.cap)] = 1.0
+        out[rules + len(self.space.caps) + self.space.early_stop.index(choice.early_stop)] = 1.0
         return out
 
     def row(self, choices: Sequence[StageChoice]) -> np.ndarray:
         row = np.zeros(self.width)
         row[0] = 1.0
         for index, choice in enumerate(choices):
-            for j, value in self.stage_features(index, choice):
-                row[j] += value
+            row += self.stage_features(index, choice)
         return row
 
 
@@ -111,11 +110,11 @@ class _Layout:
 class StageAdditiveModel:
     """The fitted weights: each stage's term and the intercept, on the log-odds scale."""
 
-    layout: _Layout
+    layout: FeatureLayout
     weights: np.ndarray
 
     def stage_term(self, index: int, choice: StageChoice) -> float:
-        return sum(float(self.weights[j]) * value for j, value in self.layout.stage_features(index, choice))
+        return float(self.layout.stage_features(index, choice) @ self.weights)
 
     def predict(self, choices: Sequence[StageChoice]) -> float:
         """The predicted score (0..1) of a plan given by its stage choices."""
@@ -123,11 +122,9 @@ class StageAdditiveModel:
 
 
 def fit_stage_additive(
-    space: SearchSpace, sizes: dict[str, float], observations: Iterable[tuple[Sequence[StageChoice], float]]
+    layout: FeatureLayout, observations: Iterable[tuple[Sequence[StageChoice], float]]
 ) -> StageAdditiveModel | None:
-    """The fit to ``observations`` (a plan's stage choices, its score 0..1); ``sizes`` maps every model of the space
-    to its log active parameters. ``None`` with fewer than two observations."""
-    layout = _Layout.of(space, sizes)
+    """The fit to ``observations`` (a plan's stage choices, its score 0..1). ``None`` with fewer than two."""
     rows, targets = [], []
     for choices, score in observations:
         rows.append(layout.row(choices))
@@ -149,7 +146,10 @@ def best_choices(
     front: list[tuple[float, float, tuple[StageChoice, ...]]] = [(0.0, 0.0, ())]
     bound = limit * (1 + 1e-9)
     for index, stage_options in enumerate(options):
-        scored = [(cost, model.stage_term(index, choice), choice) for choice, cost in stage_options]
+        if not stage_options:
+            return []
+        terms = np.array([model.layout.stage_features(index, choice) for choice, _ in stage_options]) @ model.weights
+        scored = [(cost, float(t), choice) for (choice, cost), t in zip(stage_options, terms, strict=True)]
         grown = [
             (cost + c, term + t, (*choices, choice))
             for cost, term, choices in front
