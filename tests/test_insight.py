@@ -967,3 +967,33 @@ def test_a_study_with_model_moves_resumes_where_it_stopped() -> None:
     assert any(t.strategy_info.get("move") == "model" for t in resumed.trials[9:])
     start(storage, "sparse", 5).optimize(1)
     assert load_study("sparse", storage, environment=env).strategy.params()["model_every"] == 5
+
+
+def test_the_model_skips_trials_its_space_cannot_place() -> None:
+    """A study whose model list was narrowed keeps trials that ran a model now left out (and a cap the space does not
+    offer): the fit leaves them out instead of failing the step, and proposes from the rest."""
+    env = SimulatedEnvironment(2, seed=3)
+    full = SearchSpace.from_info(env.info)
+    first = full.stages[0]
+    by_size = sorted(env.info.models, key=lambda m: env.info.models[m].active_params)
+    kept = by_size[:2] + by_size[-1:]
+    narrow = SearchSpace.from_info(env.info, models=kept)
+    small, large = by_size[0], by_size[-1]
+
+    def plan(a: tuple[str, int], b: tuple[str, int], cap: int | None = None):  # type: ignore[no-untyped-def]
+        return full.plan([StageChoice((a,), cap), StageChoice((b,))])
+
+    budget = Budget(limit=env.estimate_cost(plan((large, 4), (large, 4))).flops * 1.01, unit="flops")
+    trials = [
+        trial(0, plan((small, 4), (small, 4)), 0.30, {"phase": "probe", "stage": first, "model": small}),
+        trial(1, plan((large, 4), (small, 4)), 0.50, {"phase": "probe", "stage": first, "model": large}),
+        trial(2, plan((small, 4), (large, 4)), 0.52, {"phase": "assemble"}),
+        trial(3, plan((by_size[2], 4), (large, 4)), 0.60, {"phase": "search", "move": "swap"}),  # left out
+        trial(4, plan((large, 2), (large, 2), cap=512), 0.61, {"phase": "search", "move": "cap"}),  # a cap not offered
+    ]
+    ctx = StudyContext(narrow, budget, env.info, env.estimate_cost, tuple(trials), 0)
+    found = InsightStrategy(0)._modelled(narrow, ctx, trials, [], {t.plan_id for t in trials}, best_score=0.52)
+    assert found is not None
+    proposed, _ = found
+    assert all(node.model in kept for stage in proposed.stages for node in stage.nodes)
+    assert narrow.plan(narrow.choices_of(proposed)).plan_id == proposed.plan_id

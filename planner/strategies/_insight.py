@@ -333,6 +333,7 @@ class InsightStrategy(Strategy):
                 continue  # not a plan of this space (an agent's graph)
         observations += [(space.choices_of(plan), score) for score, plan, _, _ in shown]
         options, limit, layout = self._stage_options(space, context)
+        observations = [(c, y) for c, y in observations if all(layout.knows(i, choice) for i, choice in enumerate(c))]
         model = fit_stage_additive(layout, observations)
         if model is None:
             return None

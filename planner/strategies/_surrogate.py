@@ -74,6 +74,17 @@ class FeatureLayout:
             var[at + 4 + 2 * models : end] = RULE_PRIOR**2
         return var
 
+    def knows(self, index: int, choice: StageChoice) -> bool:
+        """Whether the choice is one of this space's on that stage (its models, cap and rule): a trial stored under
+        another space (a study whose model list changed) is not."""
+        models = self.space.stage_models[self.space.stages[index]]
+        return (
+            all(model in models and n >= 1 for model, n in choice.samples)
+            and bool(choice.samples)
+            and choice.cap in self.space.caps
+            and choice.early_stop in self.space.early_stop
+        )
+
     def stage_features(self, index: int, choice: StageChoice) -> np.ndarray:
         """One stage's choice as a full-width feature vector (zero outside the stage's block)."""
         key = (index, choice)
