@@ -116,6 +116,8 @@ class LiveEnvironment(Environment):
         self.runner = PlanRunner(self.task, self.backend, self.catalog)
         self.history: list[PlanRun] = []
         """Every evaluation so far, oldest first (what ``executors.recorder`` exports)."""
+        self._votes_by_run: dict[int, dict[int, float]] = {}
+        """``prefix_scores`` per ``history`` index: a run's votes are read once."""
         self._estimates: dict[str, Cost] = {}
         models = tuple(self.catalog)
         self._info = EnvironmentInfo(
@@ -232,10 +234,9 @@ class LiveEnvironment(Environment):
         counts = [k for k, _ in last_stage_prefixes(plan)]
         if at is None or not counts or any(r.stopped_at_budget for r in self.history[at].results):
             return {}
-        memo: dict[int, dict[int, float]] = self.__dict__.setdefault("_prefix_memo", {})
-        if at not in memo:  # keyed by the run: a plan evaluated again without a sample store drew new samples
-            memo[at] = _run_sync(self._prefix_scores(self.history[at], counts))
-        return dict(memo[at])
+        if at not in self._votes_by_run:  # keyed by the run: a plan evaluated again without a sample store drew new samples
+            self._votes_by_run[at] = _run_sync(self._prefix_scores(self.history[at], counts))
+        return dict(self._votes_by_run[at])
 
     async def _prefix_scores(self, run: PlanRun, counts: Sequence[int]) -> dict[int, float]:
         final = self.task.final_stage

@@ -90,7 +90,7 @@ def test_best_choices_are_the_exact_best_plans_within_the_limit(space: SearchSpa
     limit = rng.uniform(5.0, 20.0)
     found = best_choices(model, options, limit, keep=4)
     every = [
-        (sum(c for _, c in combo), sum(model.stage_term(i, choice) for i, (choice, _) in enumerate(combo)), combo)
+        (sum(c for _, c in combo), sum(float(model.stage_terms(i, [choice])[0]) for i, (choice, _) in enumerate(combo)), combo)
         for combo in itertools.product(*options)
     ]
     feasible = [item for item in every if item[0] <= limit]
@@ -98,7 +98,7 @@ def test_best_choices_are_the_exact_best_plans_within_the_limit(space: SearchSpa
     cost_of = {tuple(choice for choice, _ in combo): cost for cost, _, combo in every}
     assert found, "a feasible plan exists, so one is returned"
     assert all(cost_of[choices] <= limit for choices in found)
-    terms = [sum(model.stage_term(i, c) for i, c in enumerate(choices)) for choices in found]
+    terms = [sum(float(model.stage_terms(i, [c])[0]) for i, c in enumerate(choices)) for choices in found]
     assert math.isclose(terms[0], best, rel_tol=0, abs_tol=1e-9)
     assert terms == sorted(terms, reverse=True)
 

@@ -85,7 +85,6 @@ PRIOR_GAIN = {
     "swap": 0.01,
     "trade": 0.008,
     "stop": 0.004,
-    "model": 0.0,
     "cap": 0.002,
     "downsize": -0.003,
     "resample": 0.01,

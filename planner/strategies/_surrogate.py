@@ -124,8 +124,9 @@ class StageAdditiveModel:
     layout: FeatureLayout
     weights: np.ndarray
 
-    def stage_term(self, index: int, choice: StageChoice) -> float:
-        return float(self.layout.stage_features(index, choice) @ self.weights)
+    def stage_terms(self, index: int, choices: Sequence[StageChoice]) -> np.ndarray:
+        """Stage ``index``'s term (log-odds) for each of ``choices``, in one matrix product."""
+        return np.array([self.layout.stage_features(index, choice) for choice in choices]) @ self.weights
 
     def predict(self, choices: Sequence[StageChoice]) -> float:
         """The predicted score (0..1) of a plan given by its stage choices."""
@@ -159,7 +160,7 @@ def best_choices(
     for index, stage_options in enumerate(options):
         if not stage_options:
             return []
-        terms = np.array([model.layout.stage_features(index, choice) for choice, _ in stage_options]) @ model.weights
+        terms = model.stage_terms(index, [choice for choice, _ in stage_options])
         scored = [(cost, float(t), choice) for (choice, cost), t in zip(stage_options, terms, strict=True)]
         grown = [
             (cost + c, term + t, (*choices, choice))
