@@ -314,10 +314,23 @@ def test_bad_input_is_one_error_line_and_changes_nothing(bad: Bad, kept_study: t
 # -- 4: interruption, kill -9, resume; reproducibility -------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C back to its default. A shell without job control starts background commands with
+    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler: a suite run
+    in the background would test nothing about Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(home: Path, database_url: str, args: list[str], log: str) -> subprocess.Popen[bytes]:
     with open(home / f"{log}.out", "wb") as out, open(home / f"{log}.err", "wb") as err:
         return subprocess.Popen(
-            [str(ALLOT), *args], cwd=home, env=_env(home, database_url), stdout=out, stderr=err, start_new_session=True
+            [str(ALLOT), *args],
+            cwd=home,
+            env=_env(home, database_url),
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
         )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -141,8 +142,25 @@ def server(tmp_path_factory: pytest.TempPathFactory, review_sqlite_template: Pat
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
+class NavigationTolerantWait(WebDriverWait):
+    """A wait whose condition may run while a form post replaces the page: Chromium then reports an element
+    found in the old document as "Node with given id does not belong to the document" (a plain
+    WebDriverException, not the stale-element one WebDriverWait already ignores); poll again instead."""
+
+    def until(self, method: Callable[[WebDriver], object], message: str = "") -> object:  # type: ignore[override]
+        def tolerant(driver: WebDriver) -> object:
+            try:
+                return method(driver)
+            except WebDriverException as exc:
+                if "does not belong to the document" in (exc.msg or ""):
+                    return False
+                raise
+
+        return super().until(tolerant, message)
+
+
 def wait(browser: WebDriver) -> WebDriverWait:
-    return WebDriverWait(browser, WAIT_S)
+    return NavigationTolerantWait(browser, WAIT_S)
 
 
 def open_page(browser: WebDriver, server: Server, path: str) -> None:

@@ -604,6 +604,9 @@ def test_ctrl_c_during_a_commit_stores_the_write_then_interrupts(
 
     from sqlalchemy import event
 
+    # Python's own Ctrl-C handler, which a suite started in the background (SIGINT ignored) does not have
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
     storage = SQLStorage(_make_url(mode, request, tmp_path))
     try:
         study = _study(storage)
