@@ -206,6 +206,26 @@ def column(browser: WebDriver, table: str, index: int) -> list[str]:
 # -- pages -------------------------------------------------------------------------------------------------------
 
 
+def test_waits_poll_again_while_a_post_replaces_the_page_and_fail_on_other_errors() -> None:
+    """The wait helper itself, without a browser: the navigation race is retried, any other driver error is not."""
+    calls: list[int] = []
+
+    def racing(driver: object) -> bool:
+        calls.append(1)
+        if len(calls) < 3:
+            raise WebDriverException('inspector error: {"message":"Node with given id does not belong to the document"}')
+        return True
+
+    assert NavigationTolerantWait(object(), 2.0, poll_frequency=0.01).until(racing) is True  # type: ignore[arg-type]
+    assert len(calls) == 3
+
+    def broken(driver: object) -> bool:
+        raise WebDriverException("chrome not reachable")
+
+    with pytest.raises(WebDriverException, match="chrome not reachable"):
+        NavigationTolerantWait(object(), 2.0, poll_frequency=0.01).until(broken)  # type: ignore[arg-type]
+
+
 def test_studies_page(browser: WebDriver, server: Server) -> None:
     storage = server.storage()
     try:
